@@ -1,0 +1,102 @@
+"""The lr schedule counts samples (sec. 4.2), and the JFT optimizer is TensorFlow's RMSprop."""
+
+import math
+
+import pytest
+import torch
+from timm.optim import RMSpropTF
+
+from xception_pl.schedules import SampleStepDecay
+
+EPOCH = 12_811  # a small training set (ImageNet / 100) keeps the loops short
+
+
+def lr_after(steps: int, per_device_batch: int, world_size: int, **schedule) -> float:
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.045)
+    scheduler = SampleStepDecay(optimizer, **schedule)
+    scheduler.configure(samples_per_step=per_device_batch * world_size, samples_per_epoch=EPOCH)
+    for _ in range(steps):
+        optimizer.step()
+        scheduler.step()
+    return optimizer.param_groups[0]["lr"]
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 8])
+def test_imagenet_schedule_depends_on_samples_not_world_size(world_size):
+    """x0.94 every 2 epochs (sec. 4.2), whatever the number of devices."""
+    interval = 2 * EPOCH
+    for samples, decays in [(0, 0), (interval - 256, 0), (interval, 1), (5 * interval + 1024, 5)]:
+        steps = samples // (32 * world_size)
+        seen = steps * 32 * world_size
+        expected = 0.045 * 0.94 ** math.floor(seen / interval)
+        assert lr_after(steps, 32, world_size, decay_rate=0.94, decay_every_epochs=2) == pytest.approx(expected)
+        if seen == samples:
+            assert expected == pytest.approx(0.045 * 0.94**decays)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 8])
+def test_jft_schedule_decays_every_3m_samples(world_size):
+    steps = math.ceil(3_000_000 / (64 * world_size))  # the first step whose samples reach 3M
+    before = lr_after(steps - 1, 64, world_size, decay_rate=0.9, decay_every_samples=3_000_000)
+    after = lr_after(steps, 64, world_size, decay_rate=0.9, decay_every_samples=3_000_000)
+    assert before == pytest.approx(0.045)
+    assert after == pytest.approx(0.045 * 0.9)
+
+
+def test_resume_on_another_world_size_keeps_the_sample_count():
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([parameter], lr=1.0)
+    scheduler = SampleStepDecay(optimizer, decay_rate=0.5, decay_every_samples=1000)
+    scheduler.configure(samples_per_step=2 * 100, samples_per_epoch=None)  # 2 devices x 100
+    for _ in range(4):
+        scheduler.step()
+    state = scheduler.state_dict()
+    assert state["samples_seen"] == 800 and "samples_per_step" not in state
+
+    resumed = SampleStepDecay(torch.optim.SGD([parameter], lr=1.0), decay_rate=0.5, decay_every_samples=1000)
+    resumed.load_state_dict(state)
+    resumed.configure(samples_per_step=8 * 100, samples_per_epoch=None)  # now 8 devices
+    resumed.step()
+    assert resumed.samples_seen == 1600
+    assert resumed.get_last_lr() == [0.5]
+
+
+def test_linear_warmup_is_ours_and_off_by_default():
+    assert lr_after(1, 100, 1, decay_rate=0.9, decay_every_samples=10_000) == pytest.approx(0.045)
+    assert lr_after(1, 100, 1, decay_rate=0.9, decay_every_samples=10_000, warmup_samples=400) == pytest.approx(
+        0.045 * 100 / 400)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(decay_rate=0.9), "exactly one of"),
+    (dict(decay_rate=0.9, decay_every_samples=10, decay_every_epochs=1), "exactly one of"),
+    (dict(decay_rate=1.5, decay_every_samples=10), "decay_rate=1.5"),
+    (dict(decay_rate=0.9, decay_every_samples=-1), "decay_every_samples=-1 must be positive"),
+])
+def test_bad_schedule_arguments_are_rejected(kwargs, message):
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    with pytest.raises(ValueError, match=message):
+        SampleStepDecay(optimizer, **kwargs)
+
+
+def test_epoch_decay_needs_the_training_set_size():
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    scheduler = SampleStepDecay(optimizer, decay_rate=0.94, decay_every_epochs=2)
+    with pytest.raises(ValueError, match="needs the training set size"):
+        scheduler.configure(samples_per_step=32, samples_per_epoch=None)
+
+
+def test_rmsprop_is_tensorflows():
+    """Two steps by hand: ms = decay*ms + (1-decay)*g^2 (ms starts at 1, as TF);
+    mom = momentum*mom + lr*g/sqrt(ms + eps) (eps inside the sqrt, lr inside the buffer); w -= mom."""
+    lr, decay, momentum, eps = 0.001, 0.9, 0.9, 1.0
+    w = torch.nn.Parameter(torch.tensor([0.5, -2.0]))
+    optimizer = RMSpropTF([w], lr=lr, alpha=decay, momentum=momentum, eps=eps)
+    expected, ms, mom = w.detach().clone(), torch.ones(2), torch.zeros(2)
+    for g in (torch.tensor([0.3, -1.2]), torch.tensor([-0.7, 0.4])):
+        w.grad = g.clone()
+        optimizer.step()
+        ms = decay * ms + (1 - decay) * g**2
+        mom = momentum * mom + lr * g / torch.sqrt(ms + eps)
+        expected -= mom
+    torch.testing.assert_close(w.detach(), expected)

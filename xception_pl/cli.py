@@ -1,0 +1,66 @@
+"""`python -m xception_pl {fit,validate,test,predict}`: LightningCLI over XceptionModule and any DataModule.
+
+A run lives in one directory, `trainer.default_root_dir`: the resolved config, the TensorBoard
+event files and `checkpoints/` (last.ckpt and the best k) all go there, so a run is resumed
+with `--ckpt_path last` in the same directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.io import CheckpointIO
+
+from xception_pl.callbacks import AtomicCheckpointIO
+from xception_pl.module import XceptionModule
+
+
+class XceptionCLI(LightningCLI):
+    def __init__(self, args: list[str] | None = None, **kwargs: Any) -> None:
+        super().__init__(
+            XceptionModule,
+            L.LightningDataModule,
+            subclass_mode_data=True,
+            auto_configure_optimizers=False,  # the module steps its schedule per optimizer step
+            # "omegaconf+" resolves ${...} after command-line overrides are merged, so an override
+            # reaches every value interpolated from it.
+            parser_kwargs={"parser_mode": "omegaconf+"},
+            save_config_kwargs={"overwrite": True},  # a resumed or requeued run writes it again
+            seed_everything_default=0,  # one seed for every process (ours)
+            args=args,
+            **kwargs,
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # Facts of the data, typed once: in the data config (or its manifest).
+        for fact in ("num_classes", "multilabel", "train_size", "batch_size"):
+            parser.link_arguments(f"data.{fact}", f"model.{fact}", apply_on="instantiate")
+
+    def before_fit(self) -> None:
+        """A fresh fit must not overwrite an earlier run's checkpoints."""
+        ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
+        checkpoints = Path(self.trainer.default_root_dir) / "checkpoints"
+        if ckpt_path is None and checkpoints.is_dir() and any(checkpoints.glob("*.ckpt")):
+            raise SystemExit(
+                f"error: {checkpoints} already holds checkpoints of an earlier run. Resume it with "
+                "--ckpt_path last, or start a new run in another --trainer.default_root_dir.")
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> L.Trainer:
+        root = config.get("default_root_dir") or "."
+        if config.get("logger") in (None, True):
+            # The run directory itself holds the event files (no version_N subfolders), so a resumed
+            # run keeps logging into the same place and checkpoints land in <root>/checkpoints.
+            config["logger"] = TensorBoardLogger(save_dir=root, name="", version="", default_hp_metric=False)
+        plugins = config.get("plugins") or []
+        plugins = plugins if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            config["plugins"] = [*plugins, AtomicCheckpointIO()]
+        return super()._instantiate_trainer(config, callbacks)
+
+
+def main(args: list[str] | None = None) -> None:
+    XceptionCLI(args=args)
