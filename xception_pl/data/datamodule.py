@@ -1,0 +1,221 @@
+"""WebDatasetDataModule: tar shards (written by `python -m xception_pl shards`) -> Xception batches."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.distributed as dist
+import webdataset as wds
+
+from xception_pl.data import transforms
+from xception_pl.data.pipeline import EpochLoader, EpochSeed, eval_pipeline, train_pipeline
+from xception_pl.data.samples import DecodeSamples, SkipCounter
+from xception_pl.data.sources import SHARDS_COMMAND, ShardSet, dataset_facts, resolve
+
+SPLITS_OF_STAGE = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
+
+
+class WebDatasetDataModule(L.LightningDataModule):
+    """Batches {"image", "target", "skipped", "key"} from WebDataset shards.
+
+    "image": float [B, 3, S, S] in [-1, 1] (x / 127.5 - 1, the paper's Keras preprocessing);
+    "target": long [B] class ids, or float [B, num_classes] multi-hot when multilabel;
+    "skipped": long [len(SKIP_REASONS)], samples this worker dropped since its previous batch, per
+    reason; "key": the sample keys. Workers ship uint8 images (JPEG bytes with decode_device="cuda")
+    and `on_after_batch_transfer` scales (and decodes) them on the device: a batch read from a
+    loader directly, outside a Trainer, holds uint8 images until passed through that hook.
+
+    Training draws shards with replacement and shuffles samples before decoding; every rank gets
+    train_size // (batch_size * world_size) full batches per epoch, so DDP never waits on a rank.
+    Validation, test and predict read shard i on (rank, worker) slot i % (world_size * num_workers):
+    every sample exactly once, no padding; the last batch of a worker may be short.
+
+    Resume: `state_dict()` holds {"seed", "epoch"}; the training stream of an epoch is a function of
+    (seed, epoch, rank, worker), so a run restored with `load_state_dict` redraws the same stream.
+
+    Args:
+        train: training shards: a directory holding manifest.json, a brace pattern of .tar files,
+            or a URL / `pipe:` command with braces (e.g. `pipe:aws s3 cp s3://b/train-{000000..000099}.tar -`).
+        val: validation shards, as `train`.
+        test: test shards, as `train`.
+        predict: shards to predict (labels optional), as `train`.
+        train_size: training samples per epoch; default: the manifest's count (required without one).
+        val_size: validation samples (informational); default: the manifest's count.
+        test_size: test samples; default: the manifest's count.
+        predict_size: samples to predict; default: the manifest's count.
+        num_classes: number of classes; default: from the manifest (required without one).
+        multilabel: `<key>.json` label lists (JFT) instead of `<key>.cls`; default: from the manifest.
+        batch_size: samples per batch, per device.
+        num_workers: DataLoader worker processes per device (0: load in the main process).
+        image_size: side of the square crops fed to the network (299 in the paper).
+        eval_resize: evaluation resizes the shorter side to this, then centre-crops image_size (ours).
+        shuffle_buffer: raw training samples each worker shuffles in memory (ours).
+        decode_device: "cpu": workers decode and augment; "cuda": workers send JPEG bytes and the
+            GPU decodes (nvjpeg) and augments after the transfer.
+        max_image_pixels: larger images are skipped ("too_large") from their header, never decoded.
+        train_transform: uint8 [3, H, W] -> [3, S, S] training augmentation; default
+            RandomResizedCrop(image_size) + RandomHorizontalFlip.
+        eval_transform: uint8 [3, H, W] -> [3, S, S]; default Resize(eval_resize) + CenterCrop(image_size).
+        seed: seed of the training stream (shard draws, shuffle, augmentation).
+        pin_memory: page-locked batches (only when CUDA is available).
+        persistent_workers: keep workers alive between epochs (when num_workers > 0).
+        prefetch_factor: batches each worker loads ahead (None: PyTorch's default, 2).
+        multiprocessing_context: start method of the workers (None: PyTorch's default).
+    """
+
+    def __init__(
+        self,
+        train: str | None = None,
+        val: str | None = None,
+        test: str | None = None,
+        predict: str | None = None,
+        train_size: int | None = None,
+        val_size: int | None = None,
+        test_size: int | None = None,
+        predict_size: int | None = None,
+        num_classes: int | None = None,
+        multilabel: bool | None = None,
+        batch_size: int = 64,
+        num_workers: int = 8,
+        image_size: int = 299,
+        eval_resize: int = 333,
+        shuffle_buffer: int = 5000,
+        decode_device: Literal["cpu", "cuda"] = "cpu",
+        max_image_pixels: int = 89_478_485,
+        train_transform: transforms.Transform | None = None,
+        eval_transform: transforms.Transform | None = None,
+        seed: int = 0,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        prefetch_factor: int | None = None,
+        multiprocessing_context: Literal["fork", "spawn", "forkserver"] | None = None,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1 or num_workers < 0:
+            raise ValueError(f"need batch_size >= 1 and num_workers >= 0, got {batch_size} and {num_workers}")
+        splits = {"train": (train, train_size), "val": (val, val_size), "test": (test, test_size),
+                  "predict": (predict, predict_size)}
+        self.shards: dict[str, ShardSet] = {
+            name: resolve(spec, size, name) for name, (spec, size) in splits.items() if spec is not None}
+        if not self.shards:
+            raise ValueError("no data given: pass train=... and/or val=..., test=..., predict=...")
+        self.num_classes, self.multilabel, self.class_names = dataset_facts(self.shards, num_classes, multilabel)
+        self.train_size = self.shards["train"].size if "train" in self.shards else None
+        self.batch_size, self.num_workers, self.shuffle_buffer = batch_size, num_workers, shuffle_buffer
+        self.decode_device, self.max_image_pixels = decode_device, max_image_pixels
+        self.train_transform = train_transform or transforms.train_transform(image_size)
+        self.eval_transform = eval_transform or transforms.eval_transform(image_size, eval_resize)
+        self.pin_memory, self.persistent_workers = pin_memory, persistent_workers
+        self.prefetch_factor, self.multiprocessing_context = prefetch_factor, multiprocessing_context
+        self.seed, self.epoch, self.passes = seed, 0, 0
+        self.rank, self.world_size = 0, 1
+        for name in self.shards.keys() - {"train"}:
+            self.check_readers(name)
+
+    def setup(self, stage: str) -> None:
+        if self.trainer is not None:
+            self.rank, self.world_size = self.trainer.global_rank, self.trainer.world_size
+        elif dist.is_available() and dist.is_initialized():
+            self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        # Our stages take the rank explicitly; these cover webdataset's own lookups, which inside
+        # spawned workers (and under srun, which sets neither) would otherwise see rank 0 of 1.
+        os.environ["RANK"], os.environ["WORLD_SIZE"] = str(self.rank), str(self.world_size)
+        if self.decode_device == "cuda" and self.trainer is not None and self.trainer.strategy.root_device.type != "cuda":
+            raise ValueError("decode_device='cuda' needs a CUDA trainer; set decode_device=cpu")
+        for name in SPLITS_OF_STAGE.get(stage, ()):
+            if name == "train":
+                self.batches_per_rank()
+            elif name in self.shards:
+                self.check_readers(name)
+
+    def split(self, name: str) -> ShardSet:
+        if name not in self.shards:
+            raise ValueError(f"no {name} data: pass {name}=<shard directory or pattern> to the DataModule")
+        return self.shards[name]
+
+    def batches_per_rank(self) -> int:
+        batches = self.split("train").size // (self.batch_size * self.world_size)
+        if batches < 1:
+            raise ValueError(f"train_size={self.train_size} is less than one global batch ({self.batch_size} x "
+                             f"{self.world_size} devices): lower batch_size or use more data")
+        return batches
+
+    def check_readers(self, name: str) -> None:
+        """Each sample exactly once means whole shards per (rank, worker): at least one shard each."""
+        shards = self.split(name)
+        readers = self.world_size * max(1, self.num_workers)
+        if len(shards.urls) < readers:
+            fix = f"set num_workers <= {len(shards.urls) // self.world_size}, or " if len(shards.urls) >= self.world_size else ""
+            per_shard = f" --shard_size {max(1, shards.size // readers)}" if shards.size else " --shard_size <smaller>"
+            raise ValueError(
+                f"{name} has {len(shards.urls)} shards but {self.world_size} ranks x {max(1, self.num_workers)} workers"
+                f" = {readers} readers, each needing a whole shard: {fix}rewrite the shards smaller with "
+                f"`{SHARDS_COMMAND}{per_shard}`")
+
+    def decoder(self, name: str) -> DecodeSamples:
+        transform = self.train_transform if name == "train" else self.eval_transform
+        return DecodeSamples(SkipCounter(name), self.num_classes, self.multilabel,
+                             None if self.decode_device == "cuda" else transform, self.max_image_pixels,
+                             labels_required=name != "predict")
+
+    def loader_args(self) -> dict[str, Any]:
+        args: dict[str, Any] = {"num_workers": self.num_workers,
+                                "pin_memory": self.pin_memory and torch.cuda.is_available()}
+        if self.num_workers > 0:
+            args.update(persistent_workers=self.persistent_workers, prefetch_factor=self.prefetch_factor,
+                        multiprocessing_context=self.multiprocessing_context)
+        return args
+
+    def next_epoch(self) -> int:
+        """The epoch a new pass over the training data is seeded with: the trainer's, else a pass count."""
+        if self.trainer is not None:
+            self.epoch = self.trainer.current_epoch
+        elif self.passes > 0:
+            self.epoch += 1
+        self.passes += 1
+        return self.epoch
+
+    def train_dataloader(self) -> EpochLoader:
+        seeds = EpochSeed(self.seed, self.rank, self.epoch)
+        pipeline = train_pipeline(self.split("train").urls, seeds, self.decoder("train"), self.batch_size,
+                                  self.shuffle_buffer, encoded=self.decode_device == "cuda")
+        return EpochLoader(pipeline, seeds, self.next_epoch, self.batches_per_rank(), **self.loader_args())
+
+    def eval_dataloader(self, name: str) -> wds.WebLoader:
+        self.check_readers(name)
+        pipeline = eval_pipeline(self.split(name).urls, self.rank, self.world_size, self.decoder(name),
+                                 self.batch_size, encoded=self.decode_device == "cuda")
+        return wds.WebLoader(pipeline, batch_size=None, **self.loader_args())
+
+    def val_dataloader(self) -> wds.WebLoader:
+        return self.eval_dataloader("val")
+
+    def test_dataloader(self) -> wds.WebLoader:
+        return self.eval_dataloader("test")
+
+    def predict_dataloader(self) -> wds.WebLoader:
+        return self.eval_dataloader("predict")
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        encoded = batch.pop("image") if isinstance(batch.get("image"), list) else None
+        batch = super().transfer_batch_to_device(batch, device, dataloader_idx)
+        if encoded is not None:  # decode_jpeg(device="cuda") reads CPU tensors
+            batch["image"] = encoded
+        return batch
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if isinstance(batch["image"], list):
+            training = self.trainer is not None and self.trainer.training
+            transform = self.train_transform if training else self.eval_transform
+            batch = transforms.decode_on_device(batch, transform, batch["target"].device)
+        batch["image"] = transforms.to_model_input(batch["image"])
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seed": self.seed, "epoch": self.epoch}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.seed, self.epoch, self.passes = state_dict["seed"], state_dict["epoch"], 0

@@ -1,0 +1,156 @@
+"""A small learnable dataset for CPU demos, made on first use and cached as real shards.
+
+Not a dataset of the paper. Each class is a saturated colour (hue spread by the golden ratio) and a
+shape (disc, square, triangle), drawn at a random position and size on a dull random background with
+noise: obvious at 64 px, yet not a memorisable constant image. The multi-label variant draws 1-3
+classes per image and goes through the JSON-lines source of the writer.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import json
+import math
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from filelock import FileLock
+from PIL import Image, ImageDraw
+
+from xception_pl.data.datamodule import WebDatasetDataModule
+from xception_pl.data.transforms import Transform
+from xception_pl.data.writer import write_shards
+
+DEMO_ROOT = "~/.cache/xception_pl/demo"
+DEMO_SHARDS = 16  # per split: enough for 2 ranks x 8 workers to each read whole shards
+
+
+def draw(classes: list[int], num_classes: int, size: int, rng: np.random.Generator) -> Image.Image:
+    grey = rng.integers(70, 190)
+    image = Image.new("RGB", (size, size), tuple(int(grey + t) for t in rng.integers(-20, 21, 3)))
+    pen = ImageDraw.Draw(image)
+    scale = (0.18, 0.34) if len(classes) == 1 else (0.11, 0.2)
+    for c in classes:
+        r = rng.uniform(*scale) * size
+        x, y = rng.uniform(r, size - r, 2)
+        colour = tuple(int(255 * v) for v in colorsys.hsv_to_rgb((c * 0.618034) % 1.0, 0.9, rng.uniform(0.75, 1)))
+        if c % 3 == 0:
+            pen.ellipse((x - r, y - r, x + r, y + r), fill=colour)
+        elif c % 3 == 1:
+            pen.rectangle((x - r, y - r, x + r, y + r), fill=colour)
+        else:
+            pen.polygon([(x + r * math.cos(a), y + r * math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)],
+                        fill=colour)
+    pixels = np.asarray(image, dtype=np.float32) + rng.normal(0, 12, (size, size, 3))
+    return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+
+
+def write_source(folder: Path, count: int, num_classes: int, multilabel: bool, size: int, seed: int) -> Path:
+    """`count` images per class as a folder tree (single label) or images + labels.jsonl (multi-label)."""
+    rng = np.random.default_rng(seed)
+    records = []
+    for i in range(count * num_classes):
+        if multilabel:
+            classes = sorted(rng.choice(num_classes, size=rng.integers(1, min(3, num_classes) + 1), replace=False).tolist())
+            path = Path("images") / f"{i:06d}.jpg"
+        else:
+            classes = [i % num_classes]
+            path = Path(f"class_{classes[0]:03d}") / f"{i:06d}.jpg"
+        (folder / path).parent.mkdir(parents=True, exist_ok=True)
+        draw(classes, num_classes, size, rng).save(folder / path, quality=90)
+        records.append({"path": path.as_posix(), "labels": classes})
+    if not multilabel:
+        return folder
+    (folder / "labels.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return folder / "labels.jsonl"
+
+
+def make_demo_data(root: str = DEMO_ROOT, num_classes: int = 10, images_per_class: int = 100,
+                   val_images_per_class: int = 20, image_size: int = 112, multilabel: bool = False,
+                   seed: int = 0) -> Path:
+    """Build (once) and return `root/<variant>/` holding shard directories train/ and val/.
+
+    Safe when several processes call it at once (a file lock, and the data is built in a temporary
+    directory and renamed into place, so a crash never leaves a half-built variant).
+    """
+    name = f"{'multilabel' if multilabel else 'single'}-c{num_classes}-n{images_per_class}-v{val_images_per_class}" \
+           f"-s{image_size}-seed{seed}"
+    base = Path(root).expanduser()
+    final = base / name
+    if (final / "val" / "manifest.json").is_file():
+        return final
+    base.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(base / f"{name}.lock")):
+        if (final / "val" / "manifest.json").is_file():  # another process built it while we waited
+            return final
+        with tempfile.TemporaryDirectory(dir=base, prefix=f".{name}-") as tmp:
+            for split, count, split_seed in (("train", images_per_class, seed), ("val", val_images_per_class, seed + 1)):
+                source = write_source(Path(tmp) / "source" / split, count, num_classes, multilabel, image_size, split_seed)
+                write_shards(str(source), str(Path(tmp) / "build" / split), workers=1, progress=False,
+                             shard_size=max(1, -(-count * num_classes // DEMO_SHARDS)),
+                             num_classes=num_classes if multilabel else None, shuffle_seed=split_seed)
+            shutil.rmtree(final, ignore_errors=True)
+            (Path(tmp) / "build").rename(final)
+    return final
+
+
+class DemoDataModule(WebDatasetDataModule):
+    """WebDatasetDataModule on the cached demo shards (made on first use); test and predict use val.
+
+    Args:
+        root: cache directory of the demo data.
+        num_classes: number of classes.
+        multilabel: 1-3 classes per image with multi-hot targets (JFT-style demo).
+        train_images_per_class: training images per class.
+        val_images_per_class: validation images per class.
+        source_size: side of the generated square images.
+        batch_size: samples per batch, per device.
+        num_workers: DataLoader worker processes per device.
+        image_size: side of the square crops fed to the network.
+        eval_resize: evaluation resizes the shorter side to this, then centre-crops image_size.
+        shuffle_buffer: raw training samples each worker shuffles in memory.
+        decode_device: "cpu" or "cuda" (see WebDatasetDataModule).
+        max_image_pixels: larger images are skipped without decoding.
+        train_transform: training augmentation (default RandomResizedCrop + flip).
+        eval_transform: evaluation transform (default Resize + CenterCrop).
+        seed: seed of the training stream (the images themselves use seed 0 and 1).
+        pin_memory: page-locked batches (only when CUDA is available).
+        persistent_workers: keep workers alive between epochs.
+        prefetch_factor: batches each worker loads ahead (None: PyTorch's default).
+        multiprocessing_context: start method of the workers (None: PyTorch's default).
+    """
+
+    def __init__(
+        self,
+        root: str = DEMO_ROOT,
+        num_classes: int = 10,
+        multilabel: bool = False,
+        train_images_per_class: int = 100,
+        val_images_per_class: int = 20,
+        source_size: int = 112,
+        batch_size: int = 32,
+        num_workers: int = 2,
+        image_size: int = 96,
+        eval_resize: int = 107,
+        shuffle_buffer: int = 1000,
+        decode_device: Literal["cpu", "cuda"] = "cpu",
+        max_image_pixels: int = 89_478_485,
+        train_transform: Transform | None = None,
+        eval_transform: Transform | None = None,
+        seed: int = 0,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        prefetch_factor: int | None = None,
+        multiprocessing_context: Literal["fork", "spawn", "forkserver"] | None = None,
+    ) -> None:
+        data = make_demo_data(root, num_classes, train_images_per_class, val_images_per_class, source_size, multilabel)
+        val = str(data / "val")
+        super().__init__(
+            train=str(data / "train"), val=val, test=val, predict=val, batch_size=batch_size,
+            num_workers=num_workers, image_size=image_size, eval_resize=eval_resize, shuffle_buffer=shuffle_buffer,
+            decode_device=decode_device, max_image_pixels=max_image_pixels, train_transform=train_transform,
+            eval_transform=eval_transform, seed=seed, pin_memory=pin_memory, persistent_workers=persistent_workers,
+            prefetch_factor=prefetch_factor, multiprocessing_context=multiprocessing_context)

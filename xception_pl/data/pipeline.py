@@ -1,0 +1,118 @@
+"""The WebDataset pipelines: training (equal batches on every rank) and evaluation (every sample once).
+
+Rank and world size are passed in explicitly and pickled into the workers: webdataset's own
+lookup (RANK/WORLD_SIZE env vars, else torch.distributed) fails inside spawned workers.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import random
+from collections.abc import Callable, Iterator
+from functools import partial
+from typing import Any
+
+import torch
+import webdataset as wds
+from torch.utils.data import get_worker_info
+
+from xception_pl.data.samples import Collate, DecodeSamples, SkipCounter
+
+
+def worker_slot() -> tuple[int, int]:
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+class EpochSeed:
+    """Seeds every random stream from (seed, epoch, rank, worker). The epoch lives in shared memory,
+    so persistent workers see the value the main process sets before each epoch."""
+
+    def __init__(self, seed: int, rank: int, epoch: int = 0) -> None:
+        self.seed, self.rank = seed, rank
+        self._epoch = multiprocessing.RawValue("q", epoch)
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch.value
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self._epoch.value = value
+
+    def rng(self, stream: str) -> random.Random:
+        worker, _ = worker_slot()
+        return random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{worker}/{stream}")
+
+
+class ResampledShards:
+    """Endless shard URLs drawn with replacement. Ours, not wds.ResampledShards: that one counts epochs
+    in its own copy (which a fresh or resumed worker restarts at 0) and mixes in time and pid."""
+
+    def __init__(self, urls: list[str], seeds: EpochSeed) -> None:
+        self.urls, self.seeds = urls, seeds
+
+    def __call__(self) -> Iterator[dict[str, str]]:
+        rng = self.seeds.rng("shards")
+        if get_worker_info() is not None:  # augmentation draws from torch's RNG; only reseed a worker's own
+            torch.manual_seed(rng.getrandbits(63))
+        while True:
+            yield {"url": rng.choice(self.urls)}
+
+
+class ShardSlot:
+    """This (rank, worker)'s shards: shard i goes to slot i % (world_size * num_workers), once."""
+
+    def __init__(self, urls: list[str], rank: int, world_size: int) -> None:
+        self.urls, self.rank, self.world_size = urls, rank, world_size
+
+    def __call__(self) -> Iterator[dict[str, str]]:
+        worker, num_workers = worker_slot()
+        slots = self.world_size * num_workers
+        for url in self.urls[self.rank * num_workers + worker::slots]:
+            yield {"url": url}
+
+
+def shuffle_samples(samples: Iterator[dict[str, Any]], bufsize: int, seeds: EpochSeed) -> Iterator[dict[str, Any]]:
+    """wds.shuffle with its RNG drawn per worker and epoch (it would seed itself from pid and time)."""
+    return wds.shuffle(bufsize, initial=bufsize, rng=seeds.rng("samples"))(samples)
+
+
+def train_pipeline(urls: list[str], seeds: EpochSeed, decoder: DecodeSamples, batch_size: int,
+                   shuffle_buffer: int, encoded: bool) -> wds.DataPipeline:
+    counter = decoder.counter
+    return wds.DataPipeline(
+        ResampledShards(urls, seeds),  # endless shard URLs, per (seed, epoch, rank, worker)
+        wds.tarfile_to_samples(handler=counter.handler),  # open, untar, group files by key; errors counted
+        partial(shuffle_samples, bufsize=shuffle_buffer, seeds=seeds),  # shuffle raw bytes, before decoding
+        decoder,  # check header and label, decode, augment; bad samples counted and dropped
+        wds.batched(batch_size, partial=False, collation_fn=Collate(counter, encoded)),  # full batches only
+    )
+
+
+def eval_pipeline(urls: list[str], rank: int, world_size: int, decoder: DecodeSamples, batch_size: int,
+                  encoded: bool) -> wds.DataPipeline:
+    counter = decoder.counter
+    return wds.DataPipeline(
+        ShardSlot(urls, rank, world_size),  # whole shards per (rank, worker): each sample exactly once
+        wds.tarfile_to_samples(handler=counter.handler),  # open, untar, group files by key; errors counted
+        decoder,  # check header and label, decode, resize + centre crop; bad samples counted and dropped
+        wds.batched(batch_size, partial=True, collation_fn=Collate(counter, encoded)),  # last batch may be short
+    )
+
+
+class EpochLoader(wds.WebLoader):
+    """WebLoader of `num_batches` batches per pass that sets the shared epoch before each pass."""
+
+    def __init__(self, dataset: wds.DataPipeline, seeds: EpochSeed, next_epoch: Callable[[], int],
+                 num_batches: int, **loader_args: Any) -> None:
+        super().__init__(dataset, batch_size=None, **loader_args)
+        self.seeds, self.next_epoch = seeds, next_epoch
+        self.with_epoch(num_batches)
+
+    def __iter__(self) -> Iterator[Any]:
+        self.seeds.epoch = self.next_epoch()
+        return super().__iter__()
+
+    def __len__(self) -> int:
+        return self.nsamples

@@ -1,0 +1,197 @@
+"""One sample from raw tar bytes to (image, target): checks, decode, augment; bad samples counted, not raised.
+
+webdataset's own handlers either raise, drop silently, or (warn_and_continue) sleep 0.5 s per
+error; here every drop is counted per reason, rides along with the next batch, and is logged.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.io import ImageReadMode, decode_jpeg
+
+log = logging.getLogger(__name__)
+
+SKIP_REASONS = ("corrupt_image", "missing_field", "bad_label", "too_large", "read_error")
+IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
+MAX_READ_ERROR_STREAK = 100  # this many unreadable shards in a row, no good sample between: a broken source
+
+
+class Skip(Exception):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+class SkipCounter:
+    """Dropped samples per reason in one worker since its previous batch; rate-limited WARNING log."""
+
+    def __init__(self, stage: str) -> None:
+        self.stage = stage
+        self.counts = [0] * len(SKIP_REASONS)
+        self.total = 0
+        self.read_error_streak = 0
+
+    def skip(self, reason: str, detail: str) -> None:
+        self.counts[SKIP_REASONS.index(reason)] += 1
+        self.total += 1
+        if self.total <= 10 or self.total % 1000 == 0:
+            log.warning("%s data: skipped a sample (%s: %s); %d skipped by this worker so far",
+                        self.stage, reason, detail, self.total)
+
+    def handler(self, exn: Exception) -> bool:
+        """webdataset handler for shard open/untar errors: count, and go on with the next shard."""
+        self.read_error_streak += 1
+        if self.read_error_streak >= MAX_READ_ERROR_STREAK:
+            raise RuntimeError(f"{self.stage} data: {self.read_error_streak} shard read errors in a row and no "
+                               "readable sample; check the shard paths/URLs and that they are readable") from exn
+        self.skip("read_error", repr(exn)[:300])
+        return True
+
+    def take(self) -> torch.Tensor:
+        counts = torch.tensor(self.counts, dtype=torch.long)
+        self.counts = [0] * len(SKIP_REASONS)
+        return counts
+
+
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a JPEG's SOF header without decoding; None when `data` is not a JPEG."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    i = 2
+    while i + 9 <= len(data):
+        if data[i] != 0xFF:
+            break
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+        elif marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            i += 2
+        elif 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # SOF0..SOF15
+            return int.from_bytes(data[i + 7:i + 9], "big"), int.from_bytes(data[i + 5:i + 7], "big")
+        else:
+            i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    raise Skip("corrupt_image", "no JPEG frame header")
+
+
+def image_size(data: bytes) -> tuple[tuple[int, int], bool]:
+    """((width, height), is_jpeg) read from the header only."""
+    size = jpeg_size(data)
+    if size is not None:
+        return size, True
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:  # lazy: parses the header, decodes nothing
+                return im.size, False
+    except Image.DecompressionBombError as exn:
+        raise Skip("too_large", str(exn)) from exn
+    except Exception as exn:
+        raise Skip("corrupt_image", repr(exn)[:200]) from exn
+
+
+def pil_decode(data: bytes) -> torch.Tensor:
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
+    except Exception as exn:
+        raise Skip("corrupt_image", repr(exn)[:200]) from exn
+
+
+def decode(data: bytes, is_jpeg: bool) -> torch.Tensor:
+    """uint8 [3, H, W]. torchvision's libjpeg-turbo for JPEGs (faster than PIL), PIL for the rest
+    and for the JPEGs libjpeg-turbo refuses."""
+    if is_jpeg:
+        try:
+            return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        except RuntimeError:
+            pass
+    return pil_decode(data)
+
+
+class DecodeSamples:
+    """Pipeline stage: raw webdataset samples -> {"image", "target", "key"}; bad ones counted and dropped.
+
+    Args:
+        counter: where drops are counted.
+        num_classes: labels must lie in [0, num_classes).
+        multilabel: labels from `<key>.json` (a list of class ids) as a multi-hot float vector;
+            otherwise `<key>.cls` (an integer) as a class id.
+        transform: uint8 [3, H, W] -> [3, S, S] augmentation (None: keep the encoded bytes).
+        max_image_pixels: larger images are dropped as "too_large" from their header alone.
+        labels_required: False for predict: a missing label gives target -1 (or all zeros).
+    """
+
+    def __init__(self, counter: SkipCounter, num_classes: int, multilabel: bool,
+                 transform: Callable[[torch.Tensor], torch.Tensor] | None, max_image_pixels: int,
+                 labels_required: bool = True) -> None:
+        self.counter, self.num_classes, self.multilabel = counter, num_classes, multilabel
+        self.transform, self.max_image_pixels, self.labels_required = transform, max_image_pixels, labels_required
+
+    def __call__(self, samples: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for sample in samples:
+            key = sample.get("__key__", "?")
+            try:
+                out = self.decode(sample)
+            except Skip as skip:
+                self.counter.skip(skip.reason, f"{key} in {sample.get('__url__')}: {skip}")
+                continue
+            self.counter.read_error_streak = 0
+            yield out
+
+    def decode(self, sample: dict[str, Any]) -> dict[str, Any]:
+        data = next((sample[f] for f in IMAGE_FIELDS if f in sample), None)
+        if data is None:
+            raise Skip("missing_field", f"no image (.{', .'.join(IMAGE_FIELDS)}) among {sorted(sample)}")
+        target = self.target(sample)
+        (width, height), is_jpeg = image_size(data)
+        if width * height > self.max_image_pixels:
+            raise Skip("too_large", f"{width}x{height} pixels > max_image_pixels={self.max_image_pixels}")
+        if self.transform is None:  # decode_device="cuda": JPEG bytes travel, the GPU decodes
+            image = torch.frombuffer(bytearray(data), dtype=torch.uint8) if is_jpeg else decode(data, False)
+        else:
+            image = self.transform(decode(data, is_jpeg))
+        return {"image": image, "target": target, "key": sample["__key__"]}
+
+    def target(self, sample: dict[str, Any]) -> int | torch.Tensor:
+        field = "json" if self.multilabel else "cls"
+        if field not in sample:
+            if self.labels_required:
+                raise Skip("missing_field", f"no .{field} label among {sorted(sample)}")
+            return torch.zeros(self.num_classes) if self.multilabel else -1
+        try:
+            labels = json.loads(sample[field]) if self.multilabel else int(sample[field])
+        except ValueError as exn:
+            raise Skip("bad_label", f".{field} is not {'a JSON list' if self.multilabel else 'an integer'}") from exn
+        ids = labels if self.multilabel else [labels]
+        if not isinstance(ids, list) or not all(type(i) is int and 0 <= i < self.num_classes for i in ids):
+            raise Skip("bad_label", f"{labels!r} is not {'a list of ' if self.multilabel else ''}class ids "
+                                    f"in [0, {self.num_classes})")
+        if self.multilabel:
+            return torch.zeros(self.num_classes).index_fill_(0, torch.tensor(ids, dtype=torch.long), 1.0)
+        return labels
+
+
+class Collate:
+    """Samples -> the batch dict; "skipped" carries this worker's drops since its previous batch."""
+
+    def __init__(self, counter: SkipCounter, encoded: bool = False) -> None:
+        self.counter, self.encoded = counter, encoded
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        images = [s["image"] for s in samples]
+        targets = [s["target"] for s in samples]
+        return {
+            "image": images if self.encoded else torch.stack(images),  # encoded: a list of byte tensors
+            "target": torch.stack(targets) if torch.is_tensor(targets[0]) else torch.tensor(targets),
+            "skipped": self.counter.take(),
+            "key": [s["key"] for s in samples],
+        }
