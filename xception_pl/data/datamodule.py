@@ -11,7 +11,7 @@ import torch.distributed as dist
 import webdataset as wds
 
 from xception_pl.data import transforms
-from xception_pl.data.pipeline import EpochLoader, EpochSeed, eval_pipeline, train_pipeline
+from xception_pl.data.pipeline import EpochLoader, EpochSeed, carry_skips, eval_pipeline, train_pipeline
 from xception_pl.data.samples import DecodeSamples, SkipCounter
 from xception_pl.data.sources import SHARDS_COMMAND, ShardSet, dataset_facts, resolve
 
@@ -52,7 +52,7 @@ class WebDatasetDataModule(L.LightningDataModule):
         num_workers: DataLoader worker processes per device (0: load in the main process).
         image_size: side of the square crops fed to the network (299 in the paper).
         eval_resize: evaluation resizes the shorter side to this, then centre-crops image_size (ours).
-        shuffle_buffer: raw training samples each worker shuffles in memory (ours).
+        shuffle_buffer: raw training samples each worker shuffles in memory (ours; at most train_size).
         decode_device: "cpu": workers decode and augment; "cuda": workers send JPEG bytes and the
             GPU decodes (nvjpeg) and augments after the transfer.
         max_image_pixels: larger images are skipped ("too_large") from their header, never decoded.
@@ -180,15 +180,17 @@ class WebDatasetDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> EpochLoader:
         seeds = EpochSeed(self.seed, self.rank, self.epoch)
-        pipeline = train_pipeline(self.split("train").urls, seeds, self.decoder("train"), self.batch_size,
-                                  self.shuffle_buffer, encoded=self.decode_device == "cuda")
+        shards = self.split("train")
+        shuffle_buffer = min(self.shuffle_buffer, shards.size)  # no point holding more than the data set
+        pipeline = train_pipeline(shards.urls, seeds, self.decoder("train"), self.batch_size, shuffle_buffer,
+                                  encoded=self.decode_device == "cuda")
         return EpochLoader(pipeline, seeds, self.next_epoch, self.batches_per_rank(), **self.loader_args())
 
     def eval_dataloader(self, name: str) -> wds.WebLoader:
         self.check_readers(name)
         pipeline = eval_pipeline(self.split(name).urls, self.rank, self.world_size, self.decoder(name),
                                  self.batch_size, encoded=self.decode_device == "cuda")
-        return wds.WebLoader(pipeline, batch_size=None, **self.loader_args())
+        return wds.WebLoader(pipeline, batch_size=None, **self.loader_args()).compose(carry_skips)
 
     def val_dataloader(self) -> wds.WebLoader:
         return self.eval_dataloader("val")

@@ -6,6 +6,7 @@ lookup (RANK/WORLD_SIZE env vars, else torch.distributed) fails inside spawned w
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import random
 from collections.abc import Callable, Iterator
@@ -16,7 +17,9 @@ import torch
 import webdataset as wds
 from torch.utils.data import get_worker_info
 
-from xception_pl.data.samples import Collate, DecodeSamples, SkipCounter
+from xception_pl.data.samples import SKIP_REASONS, Collate, DecodeSamples, SkipCounter
+
+log = logging.getLogger(__name__)
 
 
 def worker_slot() -> tuple[int, int]:
@@ -53,9 +56,9 @@ class ResampledShards:
         self.urls, self.seeds = urls, seeds
 
     def __call__(self) -> Iterator[dict[str, str]]:
-        rng = self.seeds.rng("shards")
         if get_worker_info() is not None:  # augmentation draws from torch's RNG; only reseed a worker's own
-            torch.manual_seed(rng.getrandbits(63))
+            torch.manual_seed(self.seeds.rng("torch").getrandbits(63))
+        rng = self.seeds.rng("shards")
         while True:
             yield {"url": rng.choice(self.urls)}
 
@@ -74,8 +77,9 @@ class ShardSlot:
 
 
 def shuffle_samples(samples: Iterator[dict[str, Any]], bufsize: int, seeds: EpochSeed) -> Iterator[dict[str, Any]]:
-    """wds.shuffle with its RNG drawn per worker and epoch (it would seed itself from pid and time)."""
-    return wds.shuffle(bufsize, initial=bufsize, rng=seeds.rng("samples"))(samples)
+    """wds.shuffle with its RNG drawn per worker and epoch (it would seed itself from pid and time);
+    yields once a tenth of the buffer is full, which then grows to bufsize."""
+    return wds.shuffle(bufsize, initial=max(1, bufsize // 10), rng=seeds.rng("samples"))(samples)
 
 
 def train_pipeline(urls: list[str], seeds: EpochSeed, decoder: DecodeSamples, batch_size: int,
@@ -98,7 +102,29 @@ def eval_pipeline(urls: list[str], rank: int, world_size: int, decoder: DecodeSa
         wds.tarfile_to_samples(handler=counter.handler),  # open, untar, group files by key; errors counted
         decoder,  # check header and label, decode, resize + centre crop; bad samples counted and dropped
         wds.batched(batch_size, partial=True, collation_fn=Collate(counter, encoded)),  # last batch may be short
+        partial(flush_skips, counter=counter),  # drops after the last batch ride on an empty batch
     )
+
+
+def flush_skips(batches: Iterator[dict[str, Any]], counter: SkipCounter) -> Iterator[dict[str, Any]]:
+    yield from batches
+    if any(counter.counts):  # e.g. a worker whose only shard was unreadable: its count must not vanish
+        yield {"image": [], "target": torch.empty(0), "skipped": counter.take(), "key": []}
+
+
+def carry_skips(batches: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Main-process stage: empty batches never reach the model; their counts go with the next batch."""
+    pending = None
+    for batch in batches:
+        if not batch["key"]:
+            pending = batch["skipped"] if pending is None else pending + batch["skipped"]
+            continue
+        if pending is not None:
+            batch["skipped"], pending = batch["skipped"] + pending, None
+        yield batch
+    if pending is not None:
+        log.warning("%d samples skipped after this rank's last batch, so not in the data/*skipped count: %s",
+                    int(pending.sum()), dict(zip(SKIP_REASONS, pending.tolist())))
 
 
 class EpochLoader(wds.WebLoader):

@@ -1,0 +1,75 @@
+"""Two real gloo processes x two workers each (spawned for training): equal training batches, each
+validation sample exactly once."""
+
+import json
+import os
+import socket
+
+import pytest
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from tests.test_data_helpers import shards
+from xception_pl.data import WebDatasetDataModule
+
+SAMPLES = 23  # odd on purpose: 8 shards of 3, the last one short
+BATCH = 3
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_rank(rank: int, port: int, data: str, out: str) -> None:
+    for name in ("RANK", "WORLD_SIZE"):  # as under srun: nothing tells webdataset the rank
+        os.environ.pop(name, None)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        dm = WebDatasetDataModule(train=data, val=data, batch_size=BATCH, num_workers=2, image_size=16,
+                                  eval_resize=16, multiprocessing_context="spawn")
+        dm.setup("fit")  # no trainer: the rank comes from torch.distributed
+        loader = dm.train_dataloader()
+        train = [[b["key"] for b in loader] for _epoch in range(2)]
+        dm.multiprocessing_context = "fork"  # to save time: shard slots do not depend on the start method
+        val = [k for b in dm.val_dataloader() for k in b["key"]]
+        gathered = [None, None]
+        dist.all_gather_object(gathered, val)
+        with open(f"{out}/rank{rank}.json", "w") as f:
+            json.dump({"len": len(loader), "train": train, "val": val, "gathered": gathered,
+                       "env": [os.environ["RANK"], os.environ["WORLD_SIZE"]]}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ddp")
+    data = shards(tmp, classes=1, per_class=SAMPLES, shard_size=3)
+    # fork: the two ranks start without re-importing torch; their DataLoader workers are spawned
+    mp.start_processes(run_rank, args=(free_port(), str(data), str(tmp)), nprocs=2, start_method="fork")
+    keys = [f"c0/img0_{i}" for i in range(SAMPLES)]
+    return [json.loads((tmp / f"rank{r}.json").read_text()) for r in (0, 1)], keys
+
+
+def test_every_rank_draws_the_same_number_of_training_batches(ranks):
+    results, _ = ranks
+    per_rank = SAMPLES // (BATCH * 2)
+    for rank, result in enumerate(results):
+        assert result["env"] == [str(rank), "2"]
+        assert result["len"] == per_rank
+        assert [len(epoch) for epoch in result["train"]] == [per_rank, per_rank]
+        assert all(len(batch) == BATCH for epoch in result["train"] for batch in epoch)
+    assert results[0]["train"] != results[1]["train"]  # ranks draw different data
+    assert results[0]["train"][0] != results[0]["train"][1]  # and each epoch anew
+    first_batches = results[0]["train"][0][:2]  # one from each worker
+    assert first_batches[0] != first_batches[1]
+
+
+def test_validation_reads_each_sample_exactly_once_across_ranks_and_workers(ranks):
+    results, keys = ranks
+    union = results[0]["val"] + results[1]["val"]
+    assert sorted(union) == sorted(keys) and len(union) == SAMPLES  # no duplicates, no padding, no loss
+    assert results[0]["gathered"] == [results[0]["val"], results[1]["val"]]
+    assert results[0]["val"] and results[1]["val"]
