@@ -1,3 +1,5 @@
+pytest_plugins = ["tests.slurm_cluster"]  # the private SLURM cluster fixture
+
 import pytest
 import torch
 

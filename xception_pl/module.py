@@ -129,16 +129,16 @@ class XceptionModule(L.LightningModule):
             self.log(key, batch["skipped"].sum().float(), reduce_fx="sum", on_step=False, on_epoch=True)
         return logits, loss
 
-    def training_step(self, batch: Batch, batch_idx: int) -> Tensor | None:
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         logits, loss = self.shared_step(batch, "train")
-        if not self.loss_is_finite(loss, batch_idx):
-            return None  # every rank skips together: no backward, no optimizer step
-        self.log("train/loss", loss, prog_bar=True)
+        self.step_is_finite = self.loss_is_finite(loss, batch_idx)
+        if self.step_is_finite:
+            self.log("train/loss", loss, prog_bar=True)
         self.log("train/lr", self.optimizers().optimizer.param_groups[0]["lr"], prog_bar=True)
         return loss
 
     def loss_is_finite(self, loss: Tensor, batch_idx: int) -> bool:
-        """One host sync per step: the price of never stepping on a NaN."""
+        """Agreed by all ranks; one host sync per step, the price of never stepping on a NaN."""
         nonfinite = self.trainer.strategy.reduce((~torch.isfinite(loss.detach())).float(), reduce_op="sum")
         if not nonfinite.item():
             return True
@@ -150,6 +150,15 @@ class XceptionModule(L.LightningModule):
                 "model.nonfinite_loss=skip to skip such batches.")
         self.log("train/skipped_nonfinite", 1.0, reduce_fx="sum", on_step=False, on_epoch=True)
         return False
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        if self.hparams.nonfinite_loss == "stop":
+            return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        # Forward and backward always run, so DDP's gradient all-reduce stays in step on every rank;
+        # then every rank skips the update together (no step, no momentum, no EMA update).
+        optimizer_closure()
+        if self.step_is_finite:
+            optimizer.step()
 
     def evaluation_step(self, batch: Batch, stage: str) -> None:
         logits, loss = self.shared_step(batch, stage)

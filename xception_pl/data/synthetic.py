@@ -69,7 +69,7 @@ class SyntheticDataModule(L.LightningDataModule):
             batch = torch.utils.data.default_collate([dataset[i] for i in range(hp.batch_size)])
             batch = {k: v.to(hp.device) if torch.is_tensor(v) else v for k, v in batch.items()}
             return DataLoader([batch] * (size // hp.batch_size), batch_size=None)
-        return DataLoader(dataset, hp.batch_size, shuffle=shuffle, num_workers=hp.num_workers, drop_last=shuffle)
+        return DataLoader(dataset, batch_size=hp.batch_size, shuffle=shuffle, num_workers=hp.num_workers, drop_last=shuffle)
 
     def train_dataloader(self) -> DataLoader:
         return self.loader(self.hparams.train_size, self.hparams.seed, shuffle=True)

@@ -1,0 +1,48 @@
+"""Small builders shared by the training tests: tiny synthetic data, a tiny fast trainer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from xception_pl.callbacks import AtomicCheckpointIO
+from xception_pl.data.synthetic import SyntheticDataModule
+from xception_pl.module import XceptionModule
+from xception_pl.schedules import SampleStepDecay
+
+IMAGE = 71  # Xception's smallest input keeps CPU steps fast
+
+
+def tiny_data(**kwargs: Any) -> SyntheticDataModule:
+    return SyntheticDataModule(**{"num_classes": 6, "train_size": 16, "val_size": 8, "batch_size": 4,
+                                  "image_size": IMAGE, **kwargs})
+
+
+def tiny_module(data: SyntheticDataModule, **kwargs: Any) -> XceptionModule:
+    defaults = dict(
+        num_classes=data.num_classes, multilabel=data.multilabel, train_size=data.train_size,
+        batch_size=data.batch_size, ema_decay=0.5,
+        optimizer=lambda params: torch.optim.SGD(params, lr=0.01, momentum=0.9),
+        lr_scheduler=lambda opt: SampleStepDecay(opt, decay_rate=0.5, decay_every_samples=8),
+    )
+    return XceptionModule(**{**defaults, **kwargs})
+
+
+def tiny_trainer(root: Path, **kwargs: Any) -> L.Trainer:
+    defaults = dict(accelerator="cpu", devices=1, max_epochs=1, default_root_dir=root, log_every_n_steps=1,
+                    enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                    plugins=[AtomicCheckpointIO()],
+                    logger=L.pytorch.loggers.TensorBoardLogger(root, name="", version=""))
+    return L.Trainer(**{**defaults, **kwargs})
+
+
+def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar in the run's TensorBoard event files, read back with TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}

@@ -1,0 +1,131 @@
+"""XceptionModule on tiny synthetic data: losses, weight decay groups, EMA, predict, non-finite losses."""
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+
+from tests.helpers import IMAGE, tiny_data, tiny_module, tiny_trainer
+from xception_pl.inception import InceptionV3
+from xception_pl.module import XceptionModule
+
+
+def test_weight_decay_only_on_conv_and_linear_weights(tmp_path):
+    data = tiny_data()
+    module = tiny_module(data, weight_decay=1e-5)
+    tiny_trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(module, data)
+    decay, no_decay = module.trainer.optimizers[0].param_groups
+    assert decay["weight_decay"] == 1e-5 and no_decay["weight_decay"] == 0.0
+    convs_and_linears = {id(m.weight) for m in module.network.modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    assert {id(p) for p in decay["params"]} == convs_and_linears
+    assert len(no_decay["params"]) == sum(1 for p in module.network.parameters() if p.ndim == 1)
+
+
+class WeightRecorder(L.Callback):
+    """The classifier weights after every optimizer step, and the ones validation runs with."""
+
+    def __init__(self) -> None:
+        self.trained, self.validated = [], []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.trained.append(pl_module.network.head.fc.weight.detach().clone())
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if batch_idx == 0:
+            self.validated.append(pl_module.network.head.fc.weight.detach().clone())
+
+
+def test_validation_uses_polyak_averaged_weights(tmp_path):
+    data, recorder = tiny_data(), WeightRecorder()
+    module = tiny_module(data, ema_decay=0.5)
+    tiny_trainer(tmp_path, callbacks=[recorder]).fit(module, data)
+    assert len(recorder.trained) == 4 and len(recorder.validated) == 1
+    expected = recorder.trained[0]  # AveragedModel copies the first update, then averages
+    for weights in recorder.trained[1:]:
+        expected = 0.5 * expected + 0.5 * weights
+    torch.testing.assert_close(recorder.validated[0], expected)
+    assert not torch.allclose(recorder.validated[0], recorder.trained[-1])
+    # The checkpoint's state_dict is the average, the raw weights are kept beside it for resuming.
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    torch.testing.assert_close(checkpoint["state_dict"]["network.head.fc.weight"], expected)
+    torch.testing.assert_close(checkpoint["current_model_state"]["network.head.fc.weight"], recorder.trained[-1])
+
+
+def test_multilabel_loss_is_sigmoid_cross_entropy_summed_over_classes():
+    module = XceptionModule(num_classes=4, multilabel=True, ema_decay=None)
+    logits = torch.tensor([[2.0, -1.0, 0.0, 0.5], [0.0, 0.0, 3.0, -2.0]])
+    target = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.0, 1.0, 1.0, 0.0]])
+    p = logits.sigmoid()
+    by_hand = -(target * p.log() + (1 - target) * (1 - p).log()).sum() / 2
+    torch.testing.assert_close(module.loss(logits, target), by_hand)
+
+
+def test_label_smoothing_is_off_by_default():
+    logits, target = torch.randn(3, 5), torch.tensor([0, 3, 4])
+    module = XceptionModule(num_classes=5, ema_decay=None)
+    torch.testing.assert_close(module.loss(logits, target), nn.functional.cross_entropy(logits, target))
+    smoothed = XceptionModule(num_classes=5, ema_decay=None, label_smoothing=0.1)
+    assert smoothed.loss(logits, target) != module.loss(logits, target)
+
+
+def test_predict_returns_top5_classes_and_probabilities(tmp_path):
+    data = tiny_data()
+    module = tiny_module(data, ema_decay=None)
+    batches = tiny_trainer(tmp_path).predict(module, data)
+    first = batches[0]
+    assert first["classes"].shape == first["probs"].shape == (4, 5)
+    assert (first["probs"][:, :-1] >= first["probs"][:, 1:]).all()  # sorted, most likely first
+    module.eval()
+    with torch.no_grad():
+        probs = module(next(iter(data.predict_dataloader()))["image"]).softmax(-1)
+    torch.testing.assert_close(first["probs"], probs.topk(5).values)
+
+
+def test_inception_v3_is_a_selectable_backbone():
+    """The paper's baseline (sec. 4.3): torchvision's Inception V3 without the auxiliary tower."""
+    module = XceptionModule(num_classes=1000, network=InceptionV3, ema_decay=None)
+    assert sum(p.numel() for p in module.network.parameters()) == 23_834_568
+    assert module.network.AuxLogits is None
+    module.eval()
+    with torch.no_grad():
+        assert module(torch.randn(1, 3, 299, 299)).shape == (1, 1000)
+
+
+def test_nonfinite_loss_stops_with_the_step_and_batch(tmp_path):
+    data = tiny_data()
+    module = tiny_module(data, ema_decay=None)
+    module.network.head.fc.bias.data[0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"non-finite training loss at global step 0 \(epoch 0, batch 0\)"):
+        tiny_trainer(tmp_path).fit(module, data)
+
+
+def test_nonfinite_loss_can_skip_the_batch(tmp_path):
+    data = tiny_data()
+    module = tiny_module(data, ema_decay=None, nonfinite_loss="skip")
+    poisoned, weights = {1, 2}, {}
+
+    class Poison(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            weights[f"before {batch_idx}"] = pl_module.network.head.fc.weight.detach().clone()
+            if batch_idx in poisoned:
+                batch["image"][0, 0, 0, 0] = float("inf")
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            weights[f"after {batch_idx}"] = pl_module.network.head.fc.weight.detach().clone()
+
+    trainer = tiny_trainer(tmp_path, callbacks=[Poison()], limit_val_batches=0)
+    trainer.fit(module, data)
+    assert trainer.callback_metrics["train/skipped_nonfinite"] == len(poisoned)
+    # skipped batches leave the weights untouched (no step, no momentum); the others move them
+    assert torch.equal(weights["before 1"], weights["after 2"])
+    assert not torch.equal(weights["before 0"], weights["after 0"])
+    assert not torch.equal(weights["before 3"], weights["after 3"])
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+def test_checkpoint_of_other_classes_is_refused(tmp_path):
+    data = tiny_data()
+    tiny_trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(tiny_module(data), data)
+    other = tiny_data(num_classes=7)
+    with pytest.raises(ValueError, match="trained with num_classes=6 but the data gives num_classes=7"):
+        tiny_trainer(tmp_path).validate(tiny_module(other), other, ckpt_path=tmp_path / "checkpoints" / "last.ckpt")
