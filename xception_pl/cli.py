@@ -15,12 +15,14 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 
+from xception_pl import slurm
 from xception_pl.callbacks import AtomicCheckpointIO
 from xception_pl.module import XceptionModule
 
 
 class XceptionCLI(LightningCLI):
     def __init__(self, args: list[str] | None = None, **kwargs: Any) -> None:
+        slurm.check_launch()  # a wrong SLURM launch fails here, before any process waits on another
         super().__init__(
             XceptionModule,
             L.LightningDataModule,
@@ -41,13 +43,21 @@ class XceptionCLI(LightningCLI):
             parser.link_arguments(f"data.{fact}", f"model.{fact}", apply_on="instantiate")
 
     def before_fit(self) -> None:
-        """A fresh fit must not overwrite an earlier run's checkpoints."""
-        ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
-        checkpoints = Path(self.trainer.default_root_dir) / "checkpoints"
-        if ckpt_path is None and checkpoints.is_dir() and any(checkpoints.glob("*.ckpt")):
+        """Resolve `--ckpt_path last` to the newest checkpoint of this run directory (a requeued SLURM
+        job's hpc_ckpt included); refuse to start a fresh fit over an earlier run's checkpoints."""
+        config = self.config_init[self.subcommand]
+        root = Path(self.trainer.default_root_dir)
+        newest = newest_checkpoint(root)
+        if config.get("ckpt_path") == "last":
+            config["ckpt_path"] = str(newest) if newest else None
+            print(f"resuming from {newest}" if newest else f"no checkpoint in {root} yet: starting a new run",
+                  flush=True)
+        elif config.get("ckpt_path") is None and newest is not None:
             raise SystemExit(
-                f"error: {checkpoints} already holds checkpoints of an earlier run. Resume it with "
+                f"error: {root} already holds checkpoints of an earlier run ({newest.name}). Resume it with "
                 "--ckpt_path last, or start a new run in another --trainer.default_root_dir.")
+        if self.trainer.is_global_zero:
+            slurm.record_run(root)
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> L.Trainer:
         root = config.get("default_root_dir") or "."
@@ -60,6 +70,13 @@ class XceptionCLI(LightningCLI):
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             config["plugins"] = [*plugins, AtomicCheckpointIO()]
         return super()._instantiate_trainer(config, callbacks)
+
+
+def newest_checkpoint(root: Path) -> Path | None:
+    """The newest of <root>/checkpoints/last*.ckpt and the <root>/hpc_ckpt_*.ckpt that Lightning
+    writes when SLURM signals a job before its time limit."""
+    candidates = [*root.glob("hpc_ckpt_*.ckpt"), *(root / "checkpoints").glob("last*.ckpt")]
+    return max(candidates, key=lambda p: p.stat().st_mtime, default=None)
 
 
 def main(args: list[str] | None = None) -> None:
