@@ -16,8 +16,10 @@ from typing import Any
 import torch
 import webdataset as wds
 from torch.utils.data import get_worker_info
+from webdataset.tariterators import group_by_keys, url_opener
 
 from xception_pl.data.samples import SKIP_REASONS, Collate, DecodeSamples, SkipCounter
+from xception_pl.data.tar import tar_samples
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +89,9 @@ def train_pipeline(urls: list[str], seeds: EpochSeed, decoder: DecodeSamples, ba
     counter = decoder.counter
     return wds.DataPipeline(
         ResampledShards(urls, seeds),  # endless shard URLs, per (seed, epoch, rank, worker)
-        wds.tarfile_to_samples(handler=counter.handler),  # open, untar, group files by key; errors counted
+        partial(url_opener, handler=counter.handler),  # open local paths, pipe: commands, http(s) URLs
+        partial(tar_samples, handler=counter.handler),  # the files in each tar (errors counted)
+        partial(group_by_keys, handler=counter.handler),  # files with one key -> one raw sample
         partial(shuffle_samples, bufsize=shuffle_buffer, seeds=seeds),  # shuffle raw bytes, before decoding
         decoder,  # check header and label, decode, augment; bad samples counted and dropped
         wds.batched(batch_size, partial=False, collation_fn=Collate(counter, encoded)),  # full batches only
@@ -99,7 +103,9 @@ def eval_pipeline(urls: list[str], rank: int, world_size: int, decoder: DecodeSa
     counter = decoder.counter
     return wds.DataPipeline(
         ShardSlot(urls, rank, world_size),  # whole shards per (rank, worker): each sample exactly once
-        wds.tarfile_to_samples(handler=counter.handler),  # open, untar, group files by key; errors counted
+        partial(url_opener, handler=counter.handler),  # open local paths, pipe: commands, http(s) URLs
+        partial(tar_samples, handler=counter.handler),  # the files in each tar (errors counted)
+        partial(group_by_keys, handler=counter.handler),  # files with one key -> one raw sample
         decoder,  # check header and label, decode, resize + centre crop; bad samples counted and dropped
         wds.batched(batch_size, partial=True, collation_fn=Collate(counter, encoded)),  # last batch may be short
         partial(flush_skips, counter=counter),  # drops after the last batch ride on an empty batch

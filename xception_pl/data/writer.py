@@ -17,6 +17,7 @@ import os
 import random
 import re
 import sys
+import time
 import warnings
 from collections.abc import Iterator
 from functools import partial
@@ -114,13 +115,16 @@ class Shards:
         self.output, self.prefix, self.shard_size, self.shard_bytes = output, prefix, shard_size, shard_bytes
         self.done: list[dict[str, Any]] = []
         self.tar: wds.TarWriter | None = None
+        self.mtime = int(time.time())
 
     def write(self, sample: dict[str, Any]) -> None:
         size = sum(len(v) for k, v in sample.items() if not k.startswith("_"))
         if self.tar is None or self.count >= self.shard_size or (self.count and self.bytes + size > self.shard_bytes):
             self.close()
             self.name = f"{self.prefix}-{len(self.done):06d}.tar"
-            self.tar = wds.TarWriter(str(self.output / f"{self.name}.tmp"), encoder=False, format="PAX_FORMAT")
+            # PAX allows long keys; whole-second mtimes keep it from adding a pax header per member
+            self.tar = wds.TarWriter(str(self.output / f"{self.name}.tmp"), encoder=False, format="PAX_FORMAT",
+                                     mtime=self.mtime)
             self.count = self.bytes = 0
         self.tar.write(sample)
         self.count, self.bytes = self.count + 1, self.bytes + size
