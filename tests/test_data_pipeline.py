@@ -84,6 +84,19 @@ def test_pipe_url_source_with_explicit_sizes(tmp_path):
     assert sorted(k for b in dm.val_dataloader() for k in b["key"]) == sorted(all_keys(data))
 
 
+def test_predict_reads_shards_without_labels(tmp_path):
+    import webdataset as wds
+    from tests.test_data_helpers import jpeg
+    with wds.TarWriter(str(tmp_path / "unlabelled-0.tar"), encoder=False) as tar:
+        for i in range(3):
+            tar.write({"__key__": f"img{i}", "jpg": jpeg(seed=i)})
+    dm = WebDatasetDataModule(predict=str(tmp_path / "unlabelled-0.tar"), predict_size=3, num_classes=4,
+                              multilabel=False, batch_size=4, num_workers=0, image_size=16, eval_resize=16)
+    (batch,) = list(dm.predict_dataloader())
+    assert batch["key"] == ["img0", "img1", "img2"] and batch["target"].tolist() == [-1, -1, -1]
+    assert batch["skipped"].sum() == 0
+
+
 def test_brace_pattern_beside_a_manifest_counts_its_shards(tmp_path):
     data = shards(tmp_path, classes=2, per_class=3, shard_size=2)
     dm = WebDatasetDataModule(train=f"{data}/train-{{000000..000001}}.tar", num_workers=0)
@@ -137,6 +150,11 @@ def test_cuda_decode_workers_ship_original_jpeg_bytes(tmp_path):
         with tarfile.open(tmp_path / "train" / shard["name"]) as tar:
             originals |= {n[:-4]: tar.extractfile(n).read() for n in tar.getnames() if n.endswith(".jpg")}
     assert all(bytes(x.numpy()) == originals[k] for x, k in zip(batch["image"], batch["key"]))
+
+    # the hooks Lightning calls, on the CPU: the bytes stay a list through the transfer, then decode
+    dm.trainer = SimpleNamespace(training=False)
+    out = dm.on_after_batch_transfer(dm.transfer_batch_to_device(dict(batch), torch.device("cpu"), 0), 0)
+    assert out["image"].shape == (6, 3, 24, 24) and out["image"].dtype == torch.float32 and out["key"] == batch["key"]
 
     # the GPU half, run on the CPU: same decode and augmentation code, one corrupt image dropped
     batch["image"][1] = torch.tensor(list(b"\xff\xd8\xff garbage"), dtype=torch.uint8)
