@@ -118,7 +118,8 @@ def main() -> None:
         paths = make_images(Path(tmp) / "images", args.images)
         kb = np.mean([p.stat().st_size for p in paths]) / 1e3
         write_shards(str(Path(tmp) / "images"), str(Path(tmp) / "shards"), shard_size=50, workers=1, progress=False)
-        rows = [("PIL + torchvision loop", "-", pil_baseline(paths)), ("bare decode + augment loop", "-", bare_baseline(paths)),
+        rows = [("PIL + torchvision loop", "-", pil_baseline(paths)),
+                ("bare decode + augment loop", "-", bare_baseline(paths)),
                 ("bare decode + augment + stack 32 loop", "-", bare := bare_batched_baseline(paths))]
         rows += [("WebDatasetDataModule train loader", w, pipeline(Path(tmp) / "shards", w, args.batches))
                  for w in args.workers]

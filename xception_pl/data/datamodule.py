@@ -123,7 +123,8 @@ class WebDatasetDataModule(L.LightningDataModule):
         # Our stages take the rank explicitly; these cover webdataset's own lookups, which inside
         # spawned workers (and under srun, which sets neither) would otherwise see rank 0 of 1.
         os.environ["RANK"], os.environ["WORLD_SIZE"] = str(self.rank), str(self.world_size)
-        if self.decode_device == "cuda" and self.trainer is not None and self.trainer.strategy.root_device.type != "cuda":
+        device = self.trainer.strategy.root_device if self.trainer is not None else None
+        if self.decode_device == "cuda" and device is not None and device.type != "cuda":
             raise ValueError("decode_device='cuda' needs a CUDA trainer; set decode_device=cpu")
         for name in SPLITS_OF_STAGE.get(stage, ()):
             if name == "train":
@@ -148,7 +149,8 @@ class WebDatasetDataModule(L.LightningDataModule):
         shards = self.split(name)
         readers = self.world_size * max(1, self.num_workers)
         if len(shards.urls) < readers:
-            fix = f"set num_workers <= {len(shards.urls) // self.world_size}, or " if len(shards.urls) >= self.world_size else ""
+            most = len(shards.urls) // self.world_size
+            fix = f"set num_workers <= {most}, or " if most else ""
             per_shard = f" --shard_size {max(1, shards.size // readers)}" if shards.size else " --shard_size <smaller>"
             raise ValueError(
                 f"{name} has {len(shards.urls)} shards but {self.world_size} ranks x {max(1, self.num_workers)} workers"

@@ -26,6 +26,7 @@ from xception_pl.data.writer import write_shards
 
 DEMO_ROOT = "~/.cache/xception_pl/demo"
 DEMO_SHARDS = 16  # per split: enough for 2 ranks x 8 workers to each read whole shards
+DEMO_VERSION = 1  # part of the cache name: bump when draw() changes
 
 
 def draw(classes: list[int], num_classes: int, size: int, rng: np.random.Generator) -> Image.Image:
@@ -42,8 +43,8 @@ def draw(classes: list[int], num_classes: int, size: int, rng: np.random.Generat
         elif c % 3 == 1:
             pen.rectangle((x - r, y - r, x + r, y + r), fill=colour)
         else:
-            pen.polygon([(x + r * math.cos(a), y + r * math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)],
-                        fill=colour)
+            corners = (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)
+            pen.polygon([(x + r * math.cos(a), y + r * math.sin(a)) for a in corners], fill=colour)
     pixels = np.asarray(image, dtype=np.float32) + rng.normal(0, 12, (size, size, 3))
     return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
 
@@ -54,7 +55,8 @@ def write_source(folder: Path, count: int, num_classes: int, multilabel: bool, s
     records = []
     for i in range(count * num_classes):
         if multilabel:
-            classes = sorted(rng.choice(num_classes, size=rng.integers(1, min(3, num_classes) + 1), replace=False).tolist())
+            count_here = rng.integers(1, min(3, num_classes) + 1)
+            classes = sorted(rng.choice(num_classes, size=count_here, replace=False).tolist())
             path = Path("images") / f"{i:06d}.jpg"
         else:
             classes = [i % num_classes]
@@ -77,7 +79,7 @@ def make_demo_data(root: str = DEMO_ROOT, num_classes: int = 10, images_per_clas
     directory and renamed into place, so a crash never leaves a half-built variant).
     """
     name = f"{'multilabel' if multilabel else 'single'}-c{num_classes}-n{images_per_class}-v{val_images_per_class}" \
-           f"-s{image_size}-seed{seed}"
+           f"-s{image_size}-seed{seed}-v{DEMO_VERSION}"
     base = Path(root).expanduser()
     final = base / name
     if (final / "val" / "manifest.json").is_file():
@@ -87,8 +89,10 @@ def make_demo_data(root: str = DEMO_ROOT, num_classes: int = 10, images_per_clas
         if (final / "val" / "manifest.json").is_file():  # another process built it while we waited
             return final
         with tempfile.TemporaryDirectory(dir=base, prefix=f".{name}-") as tmp:
-            for split, count, split_seed in (("train", images_per_class, seed), ("val", val_images_per_class, seed + 1)):
-                source = write_source(Path(tmp) / "source" / split, count, num_classes, multilabel, image_size, split_seed)
+            splits = (("train", images_per_class, seed), ("val", val_images_per_class, seed + 1))
+            for split, count, split_seed in splits:
+                source = write_source(Path(tmp) / "source" / split, count, num_classes, multilabel, image_size,
+                                      split_seed)
                 write_shards(str(source), str(Path(tmp) / "build" / split), workers=1, progress=False,
                              shard_size=max(1, -(-count * num_classes // DEMO_SHARDS)),
                              num_classes=num_classes if multilabel else None, shuffle_seed=split_seed)

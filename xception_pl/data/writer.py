@@ -54,7 +54,8 @@ def jsonl_items(path: Path, num_classes: int | None) -> tuple[list[Item], int]:
                 continue
             record = json.loads(line)
             labels = record.get("labels")
-            if "path" not in record or not isinstance(labels, list) or not all(type(i) is int and i >= 0 for i in labels):
+            valid = isinstance(labels, list) and all(type(i) is int and i >= 0 for i in labels)
+            if "path" not in record or not valid:
                 raise ValueError(f"{path}:{line_number}: expected {{\"path\": ..., \"labels\": [class ids >= 0]}}")
             top = max([top, *labels])
             items.append((sample_key(Path(record["path"])), str(path.parent / record["path"]), labels))
