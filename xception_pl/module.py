@@ -89,6 +89,7 @@ class XceptionModule(L.LightningModule):
             self.network.compile()
         self.metrics = nn.ModuleDict({stage: self.build_metrics(stage) for stage in ("val", "test")})
         self.losses = nn.ModuleDict({stage: MeanMetric() for stage in ("val", "test")})
+        self.step_is_finite = True  # of the last optimizer step; see optimizer_step
 
     def build_metrics(self, stage: str) -> MetricCollection:
         """val/acc1 (+ val/acc5) for single-label (Table 1); val/map100 and val/acc1 (top label is a
@@ -131,34 +132,35 @@ class XceptionModule(L.LightningModule):
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         logits, loss = self.shared_step(batch, "train")
-        self.step_is_finite = self.loss_is_finite(loss, batch_idx)
-        if self.step_is_finite:
-            self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss, prog_bar=True)
         self.log("train/lr", self.optimizers().optimizer.param_groups[0]["lr"], prog_bar=True)
         return loss
 
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        # Forward and backward run on every rank (DDP's gradient all-reduce stays in step), then
+        # the loss is checked once, after backward is queued: one host sync per step, the price of
+        # never stepping on a NaN. A skipped batch changes nothing (no step, momentum or EMA update).
+        loss = optimizer_closure()
+        self.step_is_finite = self.loss_is_finite(loss, batch_idx)
+        if self.step_is_finite:
+            optimizer.step()
+
     def loss_is_finite(self, loss: Tensor, batch_idx: int) -> bool:
-        """Agreed by all ranks; one host sync per step, the price of never stepping on a NaN."""
+        """Agreed by all ranks; raises for nonfinite_loss="stop"."""
         nonfinite = self.trainer.strategy.reduce((~torch.isfinite(loss.detach())).float(), reduce_op="sum")
         if not nonfinite.item():
             return True
-        where = f"global step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx})"
         if self.hparams.nonfinite_loss == "stop":
             raise FloatingPointError(
-                f"non-finite training loss at {where}; the weights were not updated and the last checkpoint is "
-                "intact. Lower the lr or check the data, then resume with --ckpt_path last; or set "
-                "model.nonfinite_loss=skip to skip such batches.")
-        self.log("train/skipped_nonfinite", 1.0, reduce_fx="sum", on_step=False, on_epoch=True)
+                f"non-finite training loss at global step {self.global_step} (epoch {self.current_epoch}, batch "
+                f"{batch_idx}); the weights were not updated and the last checkpoint is intact. Lower the lr or "
+                "check the data, then resume with --ckpt_path last; or set model.nonfinite_loss=skip to skip such "
+                "batches.")
         return False
 
-    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
-        if self.hparams.nonfinite_loss == "stop":
-            return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        # Forward and backward always run, so DDP's gradient all-reduce stays in step on every rank;
-        # then every rank skips the update together (no step, no momentum, no EMA update).
-        optimizer_closure()
-        if self.step_is_finite:
-            optimizer.step()
+    def on_train_batch_end(self, outputs: Any, batch: Batch, batch_idx: int) -> None:
+        skipped = float(not self.step_is_finite)
+        self.log("train/skipped_nonfinite", skipped, reduce_fx="sum", on_step=False, on_epoch=True)
 
     def evaluation_step(self, batch: Batch, stage: str) -> None:
         logits, loss = self.shared_step(batch, stage)
