@@ -1,11 +1,148 @@
-"""SLURM launch checks and the run record. (Placeholder: filled in by the SLURM work.)"""
+"""SLURM: launch checks that fail fast with the fix, the run record, and SIGUSR1 kept out of data workers.
 
+Lightning's SLURMEnvironment wires ranks from SLURM_PROCID etc. and, on SIGUSR1, saves
+`hpc_ckpt_N.ckpt` and calls `scontrol requeue`. What it lacks, and this module adds: a job that
+forgot `srun`, or whose tasks per node differ from its GPUs per node, fails at once with the fix
+instead of hanging at "Initializing distributed ... 1/N"; the sbatch script and SLURM variables of
+every (re)start are kept in the run directory; forked children (DataLoader workers) ignore SIGUSR1.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+from collections.abc import Mapping
 from pathlib import Path
+
+from lightning.fabric.plugins.environments import SLURMEnvironment
+
+log = logging.getLogger(__name__)
+
+# SLURM_STEP_ID of steps that srun did not start: the batch script (SLURM_BATCH_SCRIPT), the extern
+# step and salloc's interactive step (0xfffffffb, 0xfffffffc, 0xfffffffa). SLURM 22.05 sets no
+# SLURM_STEP_ID at all in the batch shell; srun's steps count from 0.
+NOT_SRUN_STEPS = {"batch", "extern", "interactive", "4294967291", "4294967292", "4294967290"}
+INTERACTIVE_JOB_NAMES = ("bash", "interactive")  # Lightning then starts its processes itself, no srun
+RECORDED_PREFIXES = ("SLURM_", "SLURMD_", "SBATCH_", "SRUN_", "NCCL_", "GLOO_", "MASTER_", "CUDA_VISIBLE_DEVICES")
+SRUN_FIX = "srun python -m xception_pl fit ... (as slurm/train_imagenet.sh and slurm/train_jft.sh do)"
+
+_lightning_validate_settings = SLURMEnvironment.validate_settings
 
 
 def check_launch() -> None:
-    """Fail fast, with the fix, on a SLURM launch that would hang or mismatch devices."""
+    """Fail fast, with the fix, on a SLURM launch that would hang or mismatch devices. Outside SLURM: nothing."""
+    error = launch_error(os.environ)
+    if error is not None:
+        raise SystemExit(error)
+    if started_by_srun(os.environ):
+        # Lightning compares devices/num_nodes with SLURM's counts only inside trainer.fit, as a ValueError
+        # traceback per rank; ours says the same in one line with the fix.
+        SLURMEnvironment.validate_settings = validate_settings  # type: ignore[method-assign]
+        ignore_sigusr1_in_forked_children()
+
+
+def launch_error(env: Mapping[str, str]) -> str | None:
+    """What is wrong with this process's SLURM launch, with the fix; None when nothing is (or outside SLURM)."""
+    if "SLURM_JOB_ID" not in env or env.get("SLURM_JOB_NAME") in INTERACTIVE_JOB_NAMES:
+        return None
+    ntasks = int(env.get("SLURM_NTASKS", "1"))
+    if ntasks > 1 and not started_by_srun(env):
+        return (f"error: this SLURM job has {ntasks} tasks but this process was not started by srun, so it would "
+                f"wait forever for the other {ntasks - 1} at 'Initializing distributed: GLOBAL_RANK: 0, MEMBER: "
+                f"1/{ntasks}'. Prepend srun to the command in the batch script: {SRUN_FIX}")
+    gpus, tasks = gpus_per_node(env), tasks_per_node(env)
+    if gpus is not None and tasks is not None and gpus != tasks:
+        return (f"error: this SLURM job has {gpus} GPUs per node (--gres=gpu:{gpus}) but {tasks} tasks per node "
+                f"(--ntasks-per-node={tasks}); Lightning runs one task per GPU. Submit with "
+                f"--ntasks-per-node={gpus} --gres=gpu:{gpus} (the scripts in slurm/ then pass --trainer.devices "
+                "$SLURM_NTASKS_PER_NODE).")
+    return None
+
+
+def started_by_srun(env: Mapping[str, str]) -> bool:
+    step = env.get("SLURM_STEP_ID", env.get("SLURM_STEPID"))
+    return step is not None and step not in NOT_SRUN_STEPS
+
+
+def gpus_per_node(env: Mapping[str, str]) -> int | None:
+    """GPUs this job holds per node: --gres=gpu:G sets SLURM_GPUS_ON_NODE, --gpus-per-node=[type:]G its own."""
+    for name in ("SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_NODE"):
+        if name in env and (match := re.search(r"(\d+)$", env[name])):
+            return int(match.group(1))
+    return None
+
+
+def tasks_per_node(env: Mapping[str, str]) -> int | None:
+    """--ntasks-per-node, else the first node's count of SLURM_TASKS_PER_NODE (e.g. "8(x4)")."""
+    for name in ("SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE"):
+        if name in env and (match := re.match(r"(\d+)", env[name])):
+            return int(match.group(1))
+    return None
+
+
+def validate_settings(self: SLURMEnvironment, num_devices: int, num_nodes: int) -> None:
+    """Lightning's devices/nodes check against SLURM's task counts, as one line with the fix instead of a
+    traceback per rank from inside trainer.fit."""
+    try:
+        _lightning_validate_settings(self, num_devices, num_nodes)
+    except ValueError as error:
+        raise SystemExit(f"error: {error} The scripts in slurm/ pass --trainer.devices $SLURM_NTASKS_PER_NODE "
+                         "and --trainer.num_nodes $SLURM_JOB_NUM_NODES; do not override them.") from None
+
+
+def ignore_sigusr1_in_worker(worker_id: int = 0) -> None:
+    """A DataLoader worker_init_fn: SIGUSR1 is for the training process (Lightning saves and requeues);
+    SLURM signals every process of the step, and a worker would run a copy of that handler, or die."""
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
+_at_fork_registered = False
+
+
+def ignore_sigusr1_in_forked_children() -> None:
+    """Forked workers (DataLoader's default start method) ignore SIGUSR1 from birth; spawned ones need
+    `ignore_sigusr1_in_worker` as worker_init_fn."""
+    global _at_fork_registered
+    if not _at_fork_registered:
+        os.register_at_fork(after_in_child=ignore_sigusr1_in_worker)
+        _at_fork_registered = True
 
 
 def record_run(root: Path) -> None:
-    """Keep the sbatch script and the SLURM environment of this job in the run directory."""
+    """Keep the sbatch script and the SLURM environment of this job in <root>/slurm/, per job id and restart."""
+    env = os.environ
+    job = env.get("SLURM_JOB_ID")
+    if job is None:
+        return
+    folder = Path(root) / "slurm"
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = f"job-{job}-restart{env.get('SLURM_RESTART_COUNT', '0')}"
+    variables = "".join(f"{k}={v}\n" for k, v in sorted(env.items()) if k.startswith(RECORDED_PREFIXES))
+    write_atomically(folder / f"{stem}.env", variables.encode())
+    scontrol = shutil.which("scontrol")
+    if scontrol is None:
+        log.error("scontrol is not on PATH: SLURM requeue cannot work here (on SIGUSR1 Lightning saves "
+                  "hpc_ckpt_N.ckpt, then runs `scontrol requeue`) and the batch script is not recorded. Put "
+                  "SLURM's bin directory on PATH in the job.")
+        return
+    try:
+        script = subprocess.run([scontrol, "write", "batch_script", job, "-"], capture_output=True, check=True,
+                                timeout=60).stdout
+    except (subprocess.SubprocessError, OSError) as error:
+        log.warning("could not record the batch script of job %s with `scontrol write batch_script`: %s", job, error)
+    else:
+        write_atomically(folder / f"{stem}.sh", script)
+    log.info("SLURM job %s: script and environment recorded in %s", job, folder)
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
