@@ -118,7 +118,7 @@ def test_resumed_state_redraws_the_same_training_stream(tmp_path):
     epoch0 = [b["key"] for b in loader]
     epoch1 = [b["key"] for b in loader]
     state = dm.state_dict()
-    assert state == {"seed": 5, "epoch": 1} and epoch0 != epoch1
+    assert state == {"seed": 5, "epoch": 1, "batch": 0} and epoch0 != epoch1
 
     resumed = datamodule(tmp_path, num_workers=0, seed=0)
     resumed.load_state_dict(state)

@@ -16,7 +16,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 
 from xception_pl import slurm
-from xception_pl.callbacks import AtomicCheckpointIO
+from xception_pl.callbacks import (UNREADABLE_CHECKPOINT, AtomicCheckpointIO, CheckpointLoadError,
+                                   CheckpointWriteError, unreadable_checkpoint)
 from xception_pl.module import XceptionModule
 
 
@@ -56,8 +57,20 @@ class XceptionCLI(LightningCLI):
             raise SystemExit(
                 f"error: {root} already holds checkpoints of an earlier run ({newest.name}). Resume it with "
                 "--ckpt_path last, or start a new run in another --trainer.default_root_dir.")
+        elif missing_checkpoint(config.get("ckpt_path")):
+            raise SystemExit(f"error: --ckpt_path {config['ckpt_path']} does not exist. Give the path of a .ckpt "
+                             "file, or --ckpt_path last to resume the newest checkpoint of the run directory.")
         if self.trainer.is_global_zero:
             slurm.record_run(root)
+
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI reads the hyperparameters of --ckpt_path before anything else: an unreadable file is
+        reported in one line with the fix, not as torch's traceback."""
+        try:
+            super()._parse_ckpt_path()
+        except UNREADABLE_CHECKPOINT as error:
+            raise SystemExit(f"error: {unreadable_checkpoint(self.config[self.config.subcommand].ckpt_path, error)}"
+                             ) from None
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> L.Trainer:
         root = config.get("default_root_dir") or "."
@@ -79,5 +92,14 @@ def newest_checkpoint(root: Path) -> Path | None:
     return max(candidates, key=lambda p: p.stat().st_mtime, default=None)
 
 
+def missing_checkpoint(ckpt_path: str | None) -> bool:
+    special = ckpt_path in (None, "last", "best", "hpc", "registry") or "://" in str(ckpt_path)
+    return not special and not Path(ckpt_path).is_file()
+
+
 def main(args: list[str] | None = None) -> None:
-    XceptionCLI(args=args)
+    try:
+        XceptionCLI(args=args)
+    except (CheckpointWriteError, CheckpointLoadError, FloatingPointError) as error:
+        # Failures with a message that names the fix: that line, not a traceback through Lightning's loops.
+        raise SystemExit(f"error: {error}") from None

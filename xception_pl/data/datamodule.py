@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any, Literal
 
 import lightning as L
 import torch
 import torch.distributed as dist
 import webdataset as wds
+from lightning.pytorch.loops.progress import _ProcessedTracker
+from lightning.pytorch.trainer.states import TrainerFn
 
 from xception_pl.data import transforms
 from xception_pl.data.pipeline import EpochLoader, EpochSeed, carry_skips, eval_pipeline, train_pipeline
@@ -33,8 +36,16 @@ class WebDatasetDataModule(L.LightningDataModule):
     Validation, test and predict read shard i on (rank, worker) slot i % (world_size * num_workers):
     every sample exactly once, no padding; the last batch of a worker may be short.
 
-    Resume: `state_dict()` holds {"seed", "epoch"}; the training stream of an epoch is a function of
-    (seed, epoch, rank, worker), so a run restored with `load_state_dict` redraws the same stream.
+    Resume: the training stream of an epoch is a function of (seed, epoch, rank, worker), and
+    `state_dict()` holds {"seed", "epoch", "batch"}: the position of the next training batch, read from
+    the trainer's batch progress when a checkpoint is written. Lightning restarts a loader from its start
+    (it restores its counters, not the stream), so the pass after `load_state_dict` seeds its streams from
+    (seed, epoch, rank, worker, batch) and yields only the epoch's remaining batches: an epoch resumed
+    mid-way ends at the same step as an uninterrupted one, and does not replay the batches it already
+    trained on; its remainder is a fresh draw, as independent of the epoch's first part as the two parts
+    of an uninterrupted epoch are (shards are drawn with replacement), and the same on every resume from
+    that checkpoint. Later epochs equal an uninterrupted run's. (Fast-forwarding the old stream instead
+    would read, and decode, up to an epoch of data on every resume.)
 
     Args:
         train: training shards: a directory holding manifest.json, a brace pattern of .tar files,
@@ -111,6 +122,7 @@ class WebDatasetDataModule(L.LightningDataModule):
         self.pin_memory, self.persistent_workers = pin_memory, persistent_workers
         self.prefetch_factor, self.multiprocessing_context = prefetch_factor, multiprocessing_context
         self.seed, self.epoch, self.passes = seed, 0, 0
+        self.resume_batch: int | None = None  # set by load_state_dict, used by the next pass
         self.rank, self.world_size = 0, 1
         for name in self.shards.keys() - {"train"}:
             self.check_readers(name)
@@ -171,14 +183,18 @@ class WebDatasetDataModule(L.LightningDataModule):
                         multiprocessing_context=self.multiprocessing_context)
         return args
 
-    def next_epoch(self) -> int:
-        """The epoch a new pass over the training data is seeded with: the trainer's, else a pass count."""
-        if self.trainer is not None:
+    def next_pass(self) -> tuple[int, int]:
+        """(epoch, batches of it already trained) for a new pass over the training data: the restored
+        position on the first pass after `load_state_dict`, else (the trainer's epoch, or a pass count; 0)."""
+        batch = 0
+        if self.resume_batch is not None:
+            batch, self.resume_batch = self.resume_batch, None
+        elif self.trainer is not None:
             self.epoch = self.trainer.current_epoch
         elif self.passes > 0:
             self.epoch += 1
         self.passes += 1
-        return self.epoch
+        return self.epoch, batch
 
     def train_dataloader(self) -> EpochLoader:
         seeds = EpochSeed(self.seed, self.rank, self.epoch)
@@ -186,7 +202,7 @@ class WebDatasetDataModule(L.LightningDataModule):
         shuffle_buffer = min(self.shuffle_buffer, shards.size)  # no point holding more than the data set
         pipeline = train_pipeline(shards.urls, seeds, self.decoder("train"), self.batch_size, shuffle_buffer,
                                   encoded=self.decode_device == "cuda")
-        return EpochLoader(pipeline, seeds, self.next_epoch, self.batches_per_rank(), **self.loader_args())
+        return EpochLoader(pipeline, seeds, self.next_pass, self.batches_per_rank(), **self.loader_args())
 
     def eval_dataloader(self, name: str) -> wds.WebLoader:
         self.check_readers(name)
@@ -219,7 +235,22 @@ class WebDatasetDataModule(L.LightningDataModule):
         return batch
 
     def state_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed, "epoch": self.epoch}
+        epoch, batch = self.epoch, 0
+        if self.trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
+            batch = trained_batches(self.trainer.fit_loop.epoch_loop.batch_progress.current)
+            if batch >= self.trainer.num_training_batches:  # saved at the end of the epoch
+                epoch, batch = epoch + 1, 0
+        return {"seed": self.seed, "epoch": epoch, "batch": batch}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.seed, self.epoch, self.passes = state_dict["seed"], state_dict["epoch"], 0
+        self.resume_batch = state_dict.get("batch", 0)
+        # Lightning warns that a loader without its own state_dict replays a resumed epoch; this one does not.
+        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
+
+
+def trained_batches(progress: _ProcessedTracker) -> int:
+    """The batches of this epoch a restored trainer counts as done: those that finished, plus the current one
+    when the checkpoint is written from its on_train_batch_end (Lightning's RESTARTED_ON_TRAIN_BATCH_END)."""
+    in_batch_end = progress.ready == progress.started == progress.processed == progress.completed + 1
+    return progress.completed + int(in_batch_end)

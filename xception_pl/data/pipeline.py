@@ -30,12 +30,14 @@ def worker_slot() -> tuple[int, int]:
 
 
 class EpochSeed:
-    """Seeds every random stream from (seed, epoch, rank, worker). The epoch lives in shared memory,
-    so persistent workers see the value the main process sets before each epoch."""
+    """Seeds every random stream from (seed, epoch, rank, worker) and, on the pass that resumes an epoch
+    mid-way, the batch it resumes at. Epoch and batch live in shared memory, so persistent workers see
+    the values the main process sets before each pass."""
 
     def __init__(self, seed: int, rank: int, epoch: int = 0) -> None:
         self.seed, self.rank = seed, rank
         self._epoch = multiprocessing.RawValue("q", epoch)
+        self._resumed_at = multiprocessing.RawValue("q", 0)
 
     @property
     def epoch(self) -> int:
@@ -45,9 +47,18 @@ class EpochSeed:
     def epoch(self, value: int) -> None:
         self._epoch.value = value
 
+    @property
+    def resumed_at(self) -> int:
+        return self._resumed_at.value
+
+    @resumed_at.setter
+    def resumed_at(self, value: int) -> None:
+        self._resumed_at.value = value
+
     def rng(self, stream: str) -> random.Random:
         worker, _ = worker_slot()
-        return random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{worker}/{stream}")
+        resumed = f"/resumed-at-{self.resumed_at}" if self.resumed_at else ""
+        return random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{worker}/{stream}{resumed}")
 
 
 class ResampledShards:
@@ -134,17 +145,21 @@ def carry_skips(batches: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
 
 
 class EpochLoader(wds.WebLoader):
-    """WebLoader of `num_batches` batches per pass that sets the shared epoch before each pass."""
+    """WebLoader of `num_batches` batches per epoch. Before each pass, `next_pass()` gives (epoch, batches of
+    that epoch already trained); the pass seeds its streams from both and yields the remaining batches."""
 
-    def __init__(self, dataset: wds.DataPipeline, seeds: EpochSeed, next_epoch: Callable[[], int],
+    def __init__(self, dataset: wds.DataPipeline, seeds: EpochSeed, next_pass: Callable[[], tuple[int, int]],
                  num_batches: int, **loader_args: Any) -> None:
         super().__init__(dataset, batch_size=None, **loader_args)
-        self.seeds, self.next_epoch = seeds, next_epoch
+        self.seeds, self.next_pass, self.num_batches = seeds, next_pass, num_batches
         self.with_epoch(num_batches)
 
     def __iter__(self) -> Iterator[Any]:
-        self.seeds.epoch = self.next_epoch()
-        return super().__iter__()
+        # Lazily, at the first batch: Lightning also calls iter() once just to see that the loader is iterable.
+        self.seeds.epoch, self.seeds.resumed_at = self.next_pass()
+        self.nsamples = self.num_batches - self.seeds.resumed_at
+        if self.nsamples > 0:  # with_epoch reads 0 as "endless"
+            yield from super().__iter__()
 
     def __len__(self) -> int:
-        return self.nsamples
+        return self.num_batches  # the whole epoch, on a resumed pass too: Lightning counts the epoch's batches
