@@ -22,8 +22,10 @@ from tests.crash import HOOKS, TinyNetwork, run_cli
 from tests.helpers import IMAGE, scalars, tiny_data, tiny_module, tiny_trainer
 from tests.test_data_helpers import shards
 from xception_pl import callbacks
-from xception_pl.callbacks import AtomicCheckpointIO, CheckpointWriteError
+from xception_pl.callbacks import AtomicCheckpointIO
+from xception_pl.cli import main
 from xception_pl.data import WebDatasetDataModule, make_demo_data
+from xception_pl.module import XceptionModule
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS_PER_EPOCH, EPOCHS = 6, 2  # 24 demo images in batches of 4
@@ -184,3 +186,142 @@ def test_a_run_resumed_from_the_end_of_an_epoch_trains_the_next_epoch_as_uninter
     before = fit_batches(tmp_path / "run", data, max_steps=12)  # last.ckpt written after the epoch's last step
     after = fit_batches(tmp_path / "run", data, ckpt_path=tmp_path / "run" / "checkpoints" / "last.ckpt")
     assert before + after == full  # before the fix, the resumed epoch 1 replayed epoch 0's stream
+
+
+def test_same_seed_and_config_give_the_same_loss_curve_to_the_last_digit(tmp_path, demo_root):
+    curves = []
+    for name in ("first", "second"):
+        config = fit_config(tmp_path / f"{name}.yaml", tmp_path / name, demo_root, network="xception_pl.Xception",
+                            max_steps=4, val_check_interval=4)
+        main(["fit", "--config", str(config), "--model.checkpoint_every_n_steps", "null", "--model.save_top_k", "0",
+              "--data.init_args.num_workers", "1"])  # a data worker process, as in real runs
+        logged = scalars(tmp_path / name)
+        curves.append({tag: logged[tag] for tag in ("train/loss", "train/lr", "val/loss", "val/acc1")})
+    assert len(curves[0]["train/loss"]) == 4 and len({loss for _, loss in curves[0]["train/loss"]}) == 4
+    assert curves[0] == curves[1]  # float32 values as TensorBoard stores them, compared exactly
+
+
+class Poison(L.Callback):
+    """NaN images from global step `at` on; keeps the bytes of last.ckpt as they were just before."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+        self.last_before: bytes | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.at:
+            self.last_before = (Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt").read_bytes()
+            batch["image"].fill_(float("nan"))
+
+
+def test_a_stop_on_a_non_finite_loss_keeps_the_last_good_checkpoint(tmp_path):
+    data, poison = tiny_data(), Poison(at=3)
+    module = tiny_module(data, network=TinyNetwork, checkpoint_every_n_steps=1)  # last.ckpt every step; EMA on
+    with pytest.raises(FloatingPointError, match="non-finite training loss at global step 3"):
+        tiny_trainer(tmp_path, callbacks=[poison], limit_val_batches=0).fit(module, data)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert last.read_bytes() == poison.last_before  # untouched by the failed step
+    checkpoint = torch.load(last, weights_only=True)
+    assert checkpoint["global_step"] == 3
+    for weights in ("state_dict", "current_model_state"):  # the EMA weights and the raw ones
+        assert all(torch.isfinite(t).all() for t in checkpoint[weights].values() if t.is_floating_point())
+
+
+def failing_open(fail_at: int, error: int, when: str):
+    """`open` for xception_pl.callbacks whose `fail_at`-th checkpoint file fails with `error`, when opened or
+    after its first 100 bytes are written, as a full disk or a write-protected directory does."""
+    calls = []
+
+    class Failing(io.FileIO):
+        def write(self, data):
+            if self.tell() + len(data) > 100:
+                raise OSError(error, f"injected {errno.errorcode[error]}")
+            return super().write(data)
+
+    def fake_open(path, mode="r", *args, **kwargs):
+        calls.append(path)
+        if len(calls) != fail_at:
+            return open(path, mode, *args, **kwargs)
+        if when == "open":
+            raise OSError(error, f"injected {errno.errorcode[error]}", str(path))
+        return io.BufferedWriter(Failing(path, "w"))
+
+    return fake_open
+
+
+@pytest.mark.parametrize("error, when, fix", [
+    (errno.ENOSPC, "write", "free space on the file system"),
+    (errno.EDQUOT, "write", "raise the quota"),
+    (errno.EACCES, "open", "writable by this user"),
+    (errno.EROFS, "open", "not read-only"),
+])
+def test_a_failed_checkpoint_write_stops_training_keeps_the_previous_file_and_names_the_fix(
+        tmp_path, demo_root, monkeypatch, error, when, fix):
+    run = tmp_path / "run"
+    # writes: last.ckpt at step 2, then the best-k file after the validation at step 3 fails
+    monkeypatch.setattr(callbacks, "open", failing_open(2, error, when), raising=False)
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", "--config", str(fit_config(tmp_path / "c.yaml", run, demo_root))])
+    message = str(stop.value)
+    assert message.startswith("error: could not write checkpoint") and fix in message and "--ckpt_path last" in message
+    assert str(run / "checkpoints" / "epoch=0-step=3-acc1=") in message  # the file it was writing
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"]  # no half file left
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+    assert max(step for step, _ in scalars(run)["train/loss"]) == 2  # stopped: step 3 was the last one
+
+
+class ScriptedScore(XceptionModule):
+    """val/acc1 by epoch from a script, so that which checkpoints are best is known in advance."""
+
+    SCORES = (0.2, 0.6, 0.4, 0.8, 0.1, 0.7)
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/acc1", self.SCORES[self.current_epoch], on_epoch=True)
+
+
+def test_best_k_bookkeeping_survives_a_restart(tmp_path):
+    data = tiny_data(train_size=4)  # one step per epoch
+
+    def fit(epochs: int, ckpt_path: str | None = None, probe: L.Callback | None = None) -> ModelCheckpoint:
+        module = ScriptedScore(num_classes=6, train_size=4, batch_size=4, network=TinyNetwork, save_top_k=2,
+                               ema_decay=None)
+        trainer = tiny_trainer(tmp_path, max_epochs=epochs, callbacks=[probe] if probe else [])
+        trainer.fit(module, data, ckpt_path=ckpt_path)
+        return trainer.checkpoint_callback
+
+    def best_files() -> set[str]:
+        return {p.name for p in (tmp_path / "checkpoints").glob("epoch=*.ckpt")}
+
+    first = fit(3)
+    assert best_files() == {"epoch=1-step=2-acc1=0.6000.ckpt", "epoch=2-step=3-acc1=0.4000.ckpt"}
+    assert {Path(p).name for p in first.best_k_models} == best_files()
+
+    restored = {}
+
+    class Probe(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            best = trainer.checkpoint_callback.best_k_models
+            restored.update({Path(path).name: round(float(score), 4) for path, score in best.items()})
+
+    second = fit(6, ckpt_path=str(tmp_path / "checkpoints" / "last.ckpt"), probe=Probe())
+    assert restored == {"epoch=1-step=2-acc1=0.6000.ckpt": 0.6, "epoch=2-step=3-acc1=0.4000.ckpt": 0.4}
+    # 0.8 then 0.7 displaced both files of the first run: exactly k remain, those the bookkeeping lists
+    assert best_files() == {"epoch=3-step=4-acc1=0.8000.ckpt", "epoch=5-step=6-acc1=0.7000.ckpt"}
+    assert {Path(p).name for p in second.best_k_models} == best_files()
+
+
+def test_checkpoints_are_read_with_weights_only_when_resuming(tmp_path, monkeypatch):
+    data = tiny_data(train_size=4)
+    tiny_trainer(tmp_path, limit_val_batches=0).fit(tiny_module(data, network=TinyNetwork), data)
+    loads = []
+    load = torch.load
+
+    def spy(*args, **kwargs):
+        loads.append(kwargs.get("weights_only"))
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # would turn torch's default off
+    tiny_trainer(tmp_path, max_epochs=2, limit_val_batches=0).fit(
+        tiny_module(data, network=TinyNetwork), data, ckpt_path=tmp_path / "checkpoints" / "last.ckpt")
+    assert loads == [True]  # hparams, EMA state, best-k scores, data position: all plain tensors and primitives

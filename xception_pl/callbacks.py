@@ -37,7 +37,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         tmp = path.with_name(f".{path.name}{TMP_INFIX}{os.getpid()}")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            for stale in path.parent.glob(f".*{path.suffix}{TMP_INFIX}*"):  # left by a killed writer (one writer per run)
+            for stale in path.parent.glob(f".*{path.suffix}{TMP_INFIX}*"):  # of a killed writer (one per run)
                 if stale != tmp:
                     stale.unlink(missing_ok=True)
             with open(tmp, "wb") as f:
@@ -92,6 +92,9 @@ class CheckpointWriteError(OSError):
         super().__init__(error.errno, f"could not write checkpoint {path}: {error.strerror or error}. Training stops "
                                       f"here rather than go on without checkpoints; {path.name} still holds the "
                                       f"previous checkpoint, if any. Fix: {fix}, then resume with --ckpt_path last.")
+
+    def __str__(self) -> str:
+        return self.strerror  # the message, without OSError's "[Errno N]" prefix
 
 
 def os_error_in(error: BaseException | None) -> OSError | None:
