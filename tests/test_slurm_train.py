@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import re
+import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -41,8 +43,7 @@ def cpu_config(job_dir: Path, demo_root: Path, multilabel: bool, max_steps: int,
     config = {
         "trainer": {"accelerator": "cpu", "precision": "32-true", "max_steps": max_steps, "limit_val_batches": 1,
                     "val_check_interval": 1.0, "log_every_n_steps": 1, "num_sanity_val_steps": 0,
-                    "enable_progress_bar": False, "enable_model_summary": False,
-                    "callbacks": [{"class_path": "tests.slurm_probe.RankProbe"}]},
+                    "enable_progress_bar": False, "enable_model_summary": False},
         "model": {"ema_decay": 0.5, "channels_last": False},
         "data": {"class_path": "xception_pl.data.DemoDataModule",
                  "init_args": {"root": str(demo_root), "multilabel": multilabel, "num_classes": DEMO["num_classes"],
@@ -58,10 +59,11 @@ def cpu_config(job_dir: Path, demo_root: Path, multilabel: bool, max_steps: int,
 
 def submit(cluster: SlurmCluster, job_dir: Path, script: str | Path, *cli_args: str, **sbatch_opts: object) -> str:
     """sbatch from job_dir, as a user does from the repository root: configs/ beside it, the script's own
-    --output pattern (slurm-%x-%j.out) and run directory (runs/<job name>)."""
+    --output pattern (slurm-%x-%j.out) and run directory (runs/<job name>). The probe is appended to the
+    callbacks on the command line, as the scripts append RequeueOnSignal (a config's list would replace it)."""
     (job_dir / "configs").symlink_to(ROOT / "configs")
-    return cluster.sbatch(script, *cli_args, env=JOB_ENV, chdir=str(job_dir), output=None, cpus_per_task=1,
-                          **sbatch_opts)
+    return cluster.sbatch(script, *cli_args, "--trainer.callbacks+=tests.slurm_probe.RankProbe", env=JOB_ENV,
+                          chdir=str(job_dir), output=None, cpus_per_task=1, **sbatch_opts)
 
 
 def job_output(result: JobResult) -> str:
@@ -136,13 +138,15 @@ def test_sigusr1_saves_requeues_and_the_job_finishes_where_an_uninterrupted_run_
     assert result.state == "COMPLETED", output
     assert result.restarts == 1, output
 
-    before, after = output.split("DUE TO JOB REQUEUE", 1)
-    # Once, by rank 0's training process: its forked DataLoader worker ignores the signal.
-    assert before.count("Handling auto-requeue signal") == 1, output
-    resumed = Path(re.search(r"resuming from (\S+)", after).group(1))
-    assert resumed.name.startswith(("hpc_ckpt_", "last")), after
-    resumed_step = torch.load(tmp_path / resumed, map_location="cpu", weights_only=False)["global_step"]
+    before, after = output.split("resuming from", 1)
+    # Once, by rank 0 at a batch end all ranks agreed on; Lightning's in-handler save is not installed.
+    assert before.count("SIGUSR1: saved runs/requeued/hpc_ckpt_1.ckpt; exiting") == 1, output
+    assert f"requeued SLURM job {job}; it resumes from runs/requeued/hpc_ckpt_1.ckpt" in before
+    assert "Handling auto-requeue signal" not in output
+    resumed_step = torch.load(run / "hpc_ckpt_1.ckpt", map_location="cpu", weights_only=False)["global_step"]
     assert 1 <= resumed_step < steps
+    assert after.startswith(" runs/requeued/hpc_ckpt_1.ckpt\n"), after
+    assert (run / "probe" / "started-rank0-restart1").read_text() == str(resumed_step + 1)
 
     rank0, rank1 = probes(run, restart=1)
     assert rank0["global_step"] == rank1["global_step"] == steps
@@ -151,11 +155,8 @@ def test_sigusr1_saves_requeues_and_the_job_finishes_where_an_uninterrupted_run_
     # events.out.tfevents.<creation time>.<host>.<pid>.<n>: the requeued run's file is the newest (the first
     # run may have two: the SIGUSR1 handler closes the logger, and steps before the kill open another)
     *_, resumed_events = sorted(run.glob("events.out.tfevents.*"), key=lambda p: int(p.name.split(".")[3]))
-    logged = logged_train_steps(resumed_events)
-    # The step count continued, it did not restart at 0. Lightning adds one to its logging step on restore,
-    # assuming a checkpoint saved at a batch end; a SIGUSR1 save may land mid-step, one ahead then.
-    assert logged[0] in (resumed_step, resumed_step + 1) and logged == list(range(logged[0], logged[0] + len(logged)))
-    assert len(logged) == steps - resumed_step  # one logged step per remaining optimizer step
+    assert logged_train_steps(resumed_events) == list(range(resumed_step, steps))  # continued, not from 0
+    assert [s for s, _ in scalars(run)["train/loss"]] == list(range(steps))  # the whole curve, once
     assert "SLURM_RESTART_COUNT=1\n" in (run / "slurm" / f"job-{job}-restart1.env").read_text()
 
 
@@ -226,3 +227,21 @@ def test_record_run_without_scontrol_keeps_the_environment_and_says_requeue_cann
     assert "SLURM_JOB_ID=42\n" in (tmp_path / "run" / "slurm" / "job-42-restart3.env").read_text()
     assert "SLURM requeue cannot work" in caplog.text
     assert not list((tmp_path / "run" / "slurm").glob(".*tmp*"))  # written atomically, nothing left over
+
+
+@pytest.mark.timeout(60)
+def test_forked_children_of_a_training_task_ignore_sigusr1():
+    """SLURM signals every process of the step; a forked DataLoader worker must neither die of SIGUSR1
+    nor run the training process's handler."""
+    code = textwrap.dedent("""
+        import os, signal
+        from xception_pl import slurm
+        signal.signal(signal.SIGUSR1, lambda *args: None)  # the training process's handler
+        slurm.ignore_sigusr1_in_forked_children()
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0 if signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN else 1)
+        print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), signal.getsignal(signal.SIGUSR1) != signal.SIG_IGN)
+    """)
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=50)
+    assert result.stdout.split() == ["0", "True"], result.stderr

@@ -1,14 +1,15 @@
 """SLURM: launch checks that fail fast with the fix, the run record, and SIGUSR1 kept out of data workers.
 
-Lightning's SLURMEnvironment wires ranks from SLURM_PROCID etc. and, on SIGUSR1, saves
-`hpc_ckpt_N.ckpt` and calls `scontrol requeue`. What it lacks, and this module adds: a job that
+Lightning's SLURMEnvironment wires ranks from SLURM_PROCID etc. What this module adds: a job that
 forgot `srun`, or whose tasks per node differ from its GPUs per node, fails at once with the fix
-instead of hanging at "Initializing distributed ... 1/N"; the sbatch script and SLURM variables of
-every (re)start are kept in the run directory; forked children (DataLoader workers) ignore SIGUSR1.
+instead of hanging at "Initializing distributed ... 1/N"; SIGUSR1 saves `hpc_ckpt_N.ckpt` and requeues
+at a batch end all ranks agree on (RequeueOnSignal); the sbatch script and SLURM variables of every
+(re)start are kept in the run directory; forked children (DataLoader workers) ignore SIGUSR1.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import re
@@ -18,6 +19,8 @@ import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 
+import lightning as L
+import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 
 log = logging.getLogger(__name__)
@@ -95,8 +98,8 @@ def validate_settings(self: SLURMEnvironment, num_devices: int, num_nodes: int) 
 
 
 def ignore_sigusr1_in_worker(worker_id: int = 0) -> None:
-    """A DataLoader worker_init_fn: SIGUSR1 is for the training process (Lightning saves and requeues);
-    SLURM signals every process of the step, and a worker would run a copy of that handler, or die."""
+    """A DataLoader worker_init_fn: SIGUSR1 is for the training process (it saves and requeues); SLURM
+    signals every process of the step, and a worker would run a copy of that handler, or die of it."""
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
@@ -112,6 +115,68 @@ def ignore_sigusr1_in_forked_children() -> None:
         _at_fork_registered = True
 
 
+class RequeueOnSignal(L.Callback):
+    """SIGUSR1 (sbatch --signal=SIGUSR1@90) -> at the next batch end, on every rank together: write
+    <root>/hpc_ckpt_N.ckpt and exit (Lightning flushes the loggers on the way out); at exit rank 0 runs
+    `scontrol requeue` (which kills the job's processes at once, so it comes last). The requeued job
+    resumes from that checkpoint (`--ckpt_path last`). Exiting, rather than `trainer.should_stop`, runs
+    nothing after the checkpoint: no validation of a partial epoch, no newer last.ckpt.
+
+    Why not Lightning's own handler: it saves from inside the signal handler, wherever each rank was
+    interrupted, and saving runs a barrier: a rank interrupted before a collective (DDP's all-reduce, the
+    module's loss check) and one interrupted after it wait on different collectives for ever (seen on the
+    test cluster); and a checkpoint taken mid-step resumes one logging step ahead. Here the handler only
+    notes the signal; the ranks agree on it with one scalar all-reduce per step. Installed before
+    Lightning's (in `setup`), so Lightning keeps out of SIGUSR1.
+    """
+
+    def __init__(self) -> None:
+        self.signalled = False
+        self.active = False
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        env = os.environ
+        interactive = env.get("SLURM_JOB_NAME") in INTERACTIVE_JOB_NAMES
+        self.active = stage == "fit" and started_by_srun(env) and not interactive
+        if self.active:
+            signal.signal(signal.SIGUSR1, self.note_signal)
+
+    def note_signal(self, signum: int, frame: object) -> None:
+        self.signalled = True
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
+        if not self.active:
+            return
+        signalled = torch.tensor(float(self.signalled), device=pl_module.device)
+        if not trainer.strategy.reduce(signalled, reduce_op="sum").item():
+            return
+        root = Path(trainer.default_root_dir)
+        numbers = [int(m.group(1)) for p in root.glob("hpc_ckpt_*.ckpt") if (m := re.search(r"_(\d+)\.ckpt$", p.name))]
+        path = root / f"hpc_ckpt_{max(numbers, default=0) + 1}.ckpt"
+        trainer.save_checkpoint(path)  # rank 0 writes, then all ranks meet in a barrier
+        # Lightning hands this step's logged values (train/loss ...) to the loggers after this hook; we exit
+        # before, so push them now, else TensorBoard would miss the step.
+        trainer._logger_connector.update_train_step_metrics()
+        if trainer.is_global_zero:
+            print(f"SIGUSR1: saved {path}; exiting, the job is requeued at exit", flush=True)
+            atexit.register(requeue, path)
+        raise SystemExit(0)
+
+
+def requeue(checkpoint: Path) -> None:
+    env = os.environ
+    array = "SLURM_ARRAY_JOB_ID" in env  # a task of a job array is requeued as <array job>_<task>
+    job = f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}" if array else env["SLURM_JOB_ID"]
+    try:
+        subprocess.run(["scontrol", "requeue", job], check=True, capture_output=True, text=True, timeout=60)
+    except (subprocess.SubprocessError, OSError) as error:
+        detail = getattr(error, "stderr", None) or error
+        log.error("SIGUSR1: saved %s, but `scontrol requeue %s` failed (%s): resubmit the same script with the "
+                  "same --job-name to resume from it", checkpoint, job, detail)
+    else:
+        print(f"requeued SLURM job {job}; it resumes from {checkpoint}", flush=True)
+
+
 def record_run(root: Path) -> None:
     """Keep the sbatch script and the SLURM environment of this job in <root>/slurm/, per job id and restart."""
     env = os.environ
@@ -125,8 +190,8 @@ def record_run(root: Path) -> None:
     write_atomically(folder / f"{stem}.env", variables.encode())
     scontrol = shutil.which("scontrol")
     if scontrol is None:
-        log.error("scontrol is not on PATH: SLURM requeue cannot work here (on SIGUSR1 Lightning saves "
-                  "hpc_ckpt_N.ckpt, then runs `scontrol requeue`) and the batch script is not recorded. Put "
+        log.error("scontrol is not on PATH: SLURM requeue cannot work here (on SIGUSR1 we save "
+                  "hpc_ckpt_N.ckpt, then run `scontrol requeue`) and the batch script is not recorded. Put "
                   "SLURM's bin directory on PATH in the job.")
         return
     try:
