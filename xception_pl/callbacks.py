@@ -108,7 +108,7 @@ class CheckpointLoadError(RuntimeError):
 
 
 def unreadable_checkpoint(path: str | os.PathLike, error: BaseException) -> str:
-    if isinstance(error, pickle.UnpicklingError):
+    if isinstance(error, pickle.UnpicklingError) and "GLOBAL" in str(error):  # a pickled class or function
         return (f"checkpoint {path} holds objects other than tensors and plain containers, so it is not loaded "
                 "(weights_only=True: unpickling them could run arbitrary code). Load only checkpoints this "
                 "project wrote; if you trust this file, load it with torch.load(..., weights_only=False) and save "

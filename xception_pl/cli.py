@@ -8,6 +8,7 @@ with `--ckpt_path last` in the same directory.
 from __future__ import annotations
 
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import lightning as L
@@ -42,6 +43,16 @@ class XceptionCLI(LightningCLI):
         # Facts of the data, typed once: in the data config (or its manifest).
         for fact in ("num_classes", "multilabel", "train_size", "batch_size"):
             parser.link_arguments(f"data.{fact}", f"model.{fact}", apply_on="instantiate")
+
+    def instantiate_classes(self) -> None:
+        """The data module and the model check their arguments when built: a bad value ends the run with
+        their one-line message, not a traceback (jsonargparse wraps the data module's in a Union report)."""
+        try:
+            super().instantiate_classes()
+        except (ValueError, OSError) as error:
+            if error.__cause__ is not None and "jsonargparse" in last_frame(error).f_code.co_filename:
+                error = error.__cause__  # the constructor's own message, inside jsonargparse's report
+            raise SystemExit(f"error: {error}") from None
 
     def before_fit(self) -> None:
         """Resolve `--ckpt_path last` to the newest checkpoint of this run directory (a requeued SLURM
@@ -90,6 +101,13 @@ def newest_checkpoint(root: Path) -> Path | None:
     writes when SLURM signals a job before its time limit."""
     candidates = [*root.glob("hpc_ckpt_*.ckpt"), *(root / "checkpoints").glob("last*.ckpt")]
     return max(candidates, key=lambda p: p.stat().st_mtime, default=None)
+
+
+def last_frame(error: BaseException) -> FrameType:
+    tb = error.__traceback__
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb.tb_frame
 
 
 def missing_checkpoint(ckpt_path: str | None) -> bool:

@@ -7,7 +7,9 @@ timm names modules block1..block12 with `rep` sequences built in the same order 
 from __future__ import annotations
 
 import os
+import pickle
 import re
+import zipfile
 from pathlib import Path
 from typing import Mapping
 
@@ -47,7 +49,15 @@ def read_state_dict(source: Mapping[str, Tensor] | str | os.PathLike) -> Mapping
         from safetensors.torch import load_file
 
         return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, zipfile.BadZipFile) as error:
+        if "GLOBAL" in str(error):  # weights_only refused a pickled class or function
+            raise ValueError(f"{path} holds pickled objects, not only tensors, so it is not loaded (weights_only: "
+                             "unpickling could run arbitrary code); use a .safetensors file or a plain state dict"
+                             ) from error
+        raise ValueError(f"{path} is not a readable torch file ({type(error).__name__}: truncated, corrupt or "
+                         "another format); download the weights again") from error
     for key in ("state_dict", "model"):  # training checkpoints nest the weights
         if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
             state = state[key]
