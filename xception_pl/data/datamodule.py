@@ -14,6 +14,7 @@ from lightning.pytorch.loops.progress import _ProcessedTracker
 from lightning.pytorch.trainer.states import TrainerFn
 
 from xception_pl.data import transforms
+from xception_pl.slurm import ignore_sigusr1_in_worker
 from xception_pl.data.pipeline import EpochLoader, EpochSeed, carry_skips, eval_pipeline, train_pipeline
 from xception_pl.data.samples import DecodeSamples, SkipCounter
 from xception_pl.data.sources import SHARDS_COMMAND, ShardSet, dataset_facts, resolve
@@ -180,7 +181,8 @@ class WebDatasetDataModule(L.LightningDataModule):
                                 "pin_memory": self.pin_memory and torch.cuda.is_available()}
         if self.num_workers > 0:
             args.update(persistent_workers=self.persistent_workers, prefetch_factor=self.prefetch_factor,
-                        multiprocessing_context=self.multiprocessing_context)
+                        multiprocessing_context=self.multiprocessing_context,
+                        worker_init_fn=ignore_sigusr1_in_worker)  # SLURM's SIGUSR1 is for the trainer
         return args
 
     def next_pass(self) -> tuple[int, int]:

@@ -10,6 +10,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from xception_pl.slurm import ignore_sigusr1_in_worker
+
 
 class SyntheticImages(Dataset):
     def __init__(self, size: int, num_classes: int, multilabel: bool, image_size: int, seed: int) -> None:
@@ -69,7 +71,8 @@ class SyntheticDataModule(L.LightningDataModule):
             batch = torch.utils.data.default_collate([dataset[i] for i in range(hp.batch_size)])
             batch = {k: v.to(hp.device) if torch.is_tensor(v) else v for k, v in batch.items()}
             return DataLoader([batch] * (size // hp.batch_size), batch_size=None)
-        return DataLoader(dataset, batch_size=hp.batch_size, shuffle=shuffle, num_workers=hp.num_workers, drop_last=shuffle)
+        return DataLoader(dataset, batch_size=hp.batch_size, shuffle=shuffle, num_workers=hp.num_workers,
+                          drop_last=shuffle, worker_init_fn=ignore_sigusr1_in_worker)
 
     def train_dataloader(self) -> DataLoader:
         return self.loader(self.hparams.train_size, self.hparams.seed, shuffle=True)
