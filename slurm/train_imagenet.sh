@@ -26,4 +26,4 @@
 #   MASTER_ADDR / MASTER_PORT  rendezvous; default: first node of the job, port 15000 + last 4 digits of the job id
 #   PYTHON                  interpreter (default: python on PATH, e.g. an activated venv)
 
-srun --kill-on-bad-exit=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" ${PYTHON:-python} -m xception_pl fit --config configs/imagenet.yaml --trainer.num_nodes "$SLURM_JOB_NUM_NODES" --trainer.devices "$SLURM_NTASKS_PER_NODE" --trainer.default_root_dir "runs/$SLURM_JOB_NAME" --ckpt_path last "$@" --trainer.callbacks+=xception_pl.slurm.RequeueOnSignal
+srun --kill-on-bad-exit=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" ${PYTHON:-python} -m xception_pl fit --config configs/imagenet.yaml --trainer.num_nodes "$SLURM_JOB_NUM_NODES" --trainer.devices "$SLURM_NTASKS_PER_NODE" --trainer.default_root_dir "runs/$SLURM_JOB_NAME" --ckpt_path last "$@"

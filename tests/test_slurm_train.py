@@ -60,7 +60,7 @@ def cpu_config(job_dir: Path, demo_root: Path, multilabel: bool, max_steps: int,
 def submit(cluster: SlurmCluster, job_dir: Path, script: str | Path, *cli_args: str, **sbatch_opts: object) -> str:
     """sbatch from job_dir, as a user does from the repository root: configs/ beside it, the script's own
     --output pattern (slurm-%x-%j.out) and run directory (runs/<job name>). The probe is appended to the
-    callbacks on the command line, as the scripts append RequeueOnSignal (a config's list would replace it)."""
+    callbacks on the command line (a config's list would replace the recipe's callbacks)."""
     (job_dir / "configs").symlink_to(ROOT / "configs")
     return cluster.sbatch(script, *cli_args, "--trainer.callbacks+=tests.slurm_probe.RankProbe", env=JOB_ENV,
                           chdir=str(job_dir), output=None, cpus_per_task=1, **sbatch_opts)

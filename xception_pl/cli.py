@@ -93,6 +93,8 @@ class XceptionCLI(LightningCLI):
         plugins = plugins if isinstance(plugins, list) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             config["plugins"] = [*plugins, AtomicCheckpointIO()]
+        # Inert outside an srun step; inside one it replaces Lightning's SIGUSR1 save-and-requeue.
+        callbacks = [*callbacks, slurm.RequeueOnSignal()]
         return super()._instantiate_trainer(config, callbacks)
 
 
