@@ -1,0 +1,392 @@
+"""Training and inference images/s of xception_pl against timm's legacy_xception, in one process.
+
+    PYTHONPATH=. python benchmarks/throughput.py [--device cuda] [--sections a,b,c,d,e] [--out results.json]
+    PYTHONPATH=. python benchmarks/throughput.py --device cpu --quick          # a few minutes on a CPU
+
+Sections (all on --device, random synthetic data unless said):
+  a  model-only training step (forward, cross-entropy, backward, fused SGD step): our Xception vs
+     timm's legacy_xception over --precisions x --layouts x --compile x --batch-sizes;
+  b  Lightning `fit` of XceptionModule (logging, EMA, lr schedule, non-finite check) on one batch already
+     on the device (SyntheticDataModule), EMA on and off, vs the model-only step of (a);
+  c  `fit` from JPEG shards written by our writer (500x375 JPEGs), WebDatasetDataModule decoding on
+     the CPU workers and, on CUDA, on the GPU, vs the synthetic loop of (b);
+  d  inference (eval, inference_mode, channels_last): ours vs timm;
+  e  the paper's Table 3: parameters and training steps/s of Xception vs Inception V3 (no aux tower).
+Sections b-e run at the last of --precisions with channels_last; b-c compile with the module's flag
+(default mode only); e runs eager. a, d, e: the median step time over --repeats blocks of the --steps
+timed steps, after --warmup steps; b, c: the mean over --steps optimizer steps after --warmup (c: at
+least 8 per worker, so batches prefetched during warm-up cannot inflate the rate); the device is
+synchronised around each timed region. Peak memory: CUDA max_memory_allocated, or peak RSS on CPU.
+Before any timing, Xception.from_timm(timm's state dict) is checked against timm (eval, fp32 and bf16).
+The timed network is Xception(), what the CLI trains: TF "same" max-pool padding and BN eps 1e-3,
+where from_timm takes timm's symmetric padding and eps 1e-5 (same cost, up to three pools' pads).
+Prints a table last; writes every number with the environment to --out (JSON).
+"""
+
+from __future__ import annotations
+
+import argparse  # a benchmark script, not part of the CLI (STYLE 6 concerns the package's CLI)
+import gc
+import itertools
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from contextlib import nullcontext
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+import lightning as L
+import timm
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from xception_pl import Xception
+from xception_pl.data import SyntheticDataModule, WebDatasetDataModule, write_shards
+from xception_pl.inception import InceptionV3
+from xception_pl.module import XceptionModule
+from xception_pl.schedules import SampleStepDecay
+
+sys.path.insert(0, str(Path(__file__).parent))
+from data_pipeline import make_images  # noqa: E402  (the 500x375 JPEGs of the data pipeline benchmark)
+
+NUM_CLASSES = 1000
+PAPER_TABLE_3 = {"xception_params": 22_855_952, "inception_params": 23_626_728, "steps_ratio": 28 / 31}
+# max-autotune is left out: Triton's grouped-conv templates make autotuning the depthwise convs take > 10 min.
+COMPILE_MODES = ("eager", "default", "reduce-overhead")
+QUICK = dict(batch_sizes="8", steps=3, repeats=3, warmup=1, precisions="fp32", compile="eager", images=64)
+FULL = dict(batch_sizes="128,256", steps=20, repeats=5, warmup=10, precisions="fp32,bf16", compile="eager,default",
+            images=1024)
+DataFactory = Callable[[int], L.LightningDataModule]  # train_size -> data
+SGD = partial(torch.optim.SGD, lr=0.045, momentum=0.9, fused=True)  # sec. 4.2; fused on CUDA and CPU
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak(device: torch.device) -> None:
+    gc.collect()  # the previous measurement's models and graphs
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: resets VmHWM, the peak RSS, to the current RSS
+
+
+def peak_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+    return int(status["VmHWM"].split()[0]) / 1024
+
+
+def autocast(device: torch.device, precision: str):
+    return torch.autocast(device.type, torch.bfloat16) if precision == "bf16" else nullcontext()
+
+
+def median_rate(step, images: int, args) -> dict:
+    """Images/s of the median of --repeats blocks of the --steps timed steps, after --warmup steps; the
+    device is synchronised around each block only, so the host may queue a step while the device runs
+    the previous one, as in a training loop. Also the peak memory."""
+    reset_peak(args.device)
+    for _ in range(args.warmup):
+        step()
+    block = max(1, args.steps // args.repeats)
+    seconds = []
+    for _ in range(args.steps // block):
+        synchronize(args.device)
+        start = time.perf_counter()
+        for _ in range(block):
+            step()
+        synchronize(args.device)
+        seconds.append((time.perf_counter() - start) / block)
+    return {"img_s": images / statistics.median(seconds), "peak_mib": peak_mib(args.device)}
+
+
+def build(name: str) -> torch.nn.Module:
+    if name == "timm":
+        return timm.create_model("legacy_xception", pretrained=False, num_classes=NUM_CLASSES)
+    return InceptionV3(NUM_CLASSES, drop_rate=0.0) if name == "inception_v3" else Xception(NUM_CLASSES)
+
+
+def prepare(name: str, layout: str, mode: str, args) -> tuple[torch.nn.Module, torch.nn.Module, torch.Tensor]:
+    """(model, the callable to time, a random input) on the device; a fresh compile cache per model."""
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    model = build(name).to(args.device, memory_format=fmt)
+    torch.compiler.reset()  # else each new instance counts as a recompile, and past the limit runs eager
+    forward = model if mode == "eager" else torch.compile(model, mode=mode, dynamic=False)
+    images = torch.randn(args.batch, 3, args.image_size, args.image_size, device=args.device)
+    return model, forward, images.contiguous(memory_format=fmt)
+
+
+def train_step_rate(name: str, precision: str, layout: str, mode: str, args) -> dict:
+    model, forward, images = prepare(name, layout, mode, args)
+    target = torch.randint(0, NUM_CLASSES, (args.batch,), device=args.device)
+    optimizer = SGD(model.parameters())
+
+    def step() -> None:
+        if mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # a new iteration: the graphs may reuse their outputs
+        with autocast(args.device, precision):
+            loss = F.cross_entropy(forward(images), target)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return median_rate(step, args.batch, args)
+
+
+def inference_rate(name: str, precision: str, mode: str, args) -> dict:
+    model, forward, images = prepare(name, "channels_last", mode, args)
+    model.eval()
+
+    def step() -> None:
+        with torch.inference_mode(), autocast(args.device, precision):
+            forward(images)
+
+    return median_rate(step, args.batch, args)
+
+
+class StepTimer(L.Callback):
+    """Seconds from the start of batch `first` to the start of batch `first + steps`: whole optimizer
+    steps, with data loading, logging and every callback (EMA included)."""
+
+    def __init__(self, first: int, steps: int) -> None:
+        self.first, self.steps, self.times = first, steps, {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if batch_idx in (self.first, self.first + self.steps):
+            synchronize(pl_module.device)
+            self.times[batch_idx] = time.perf_counter()
+
+
+def fit_rate(data: DataFactory, precision: str, mode: str, ema: bool, steps: int, args) -> dict:
+    batches = args.warmup + steps + 1  # the last batch only marks the end of the timed steps
+    datamodule = data(train_size=args.batch * batches)
+    module = XceptionModule(NUM_CLASSES, train_size=datamodule.train_size, batch_size=args.batch, optimizer=SGD,
+                            lr_scheduler=partial(SampleStepDecay, decay_rate=0.94, decay_every_epochs=2),
+                            ema_decay=0.9999 if ema else None, channels_last=True, compile=mode == "default")
+    callbacks = module.configure_callbacks  # the module adds ModelCheckpoint itself: none in a timed run
+    module.configure_callbacks = lambda: [c for c in callbacks() if not isinstance(c, ModelCheckpoint)]
+    timer = StepTimer(args.warmup, steps)
+    with tempfile.TemporaryDirectory() as logs:
+        devices = [args.device.index or 0] if args.device.type == "cuda" else 1
+        trainer = L.Trainer(accelerator=args.device.type, devices=devices, max_steps=batches, limit_val_batches=0,
+                            precision="bf16-mixed" if precision == "bf16" else "32-true", callbacks=[timer],
+                            logger=TensorBoardLogger(logs, name="", version=""), enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=50)
+        torch.compiler.reset()
+        reset_peak(args.device)
+        trainer.fit(module, datamodule)
+    seconds = timer.times[args.warmup + steps] - timer.times[args.warmup]
+    return {"img_s": steps * args.batch / seconds, "peak_mib": peak_mib(args.device)}
+
+
+def check_outputs(args) -> dict:
+    """Our network holding timm's weights must compute timm's function (eval mode, random input)."""
+    reference = build("timm").to(args.device).eval()
+    ours = Xception.from_timm(reference.state_dict()).to(args.device).eval()
+    images = torch.randn(2, 3, args.image_size, args.image_size, device=args.device)
+    result = {"passed": True}
+    for precision, tolerance in (("fp32", 1e-3), ("bf16", 3e-2)):  # max |difference| / max |timm output|
+        with torch.no_grad(), autocast(args.device, precision):
+            a, b = ours(images).float(), reference(images).float()
+        error = ((a - b).abs().max() / b.abs().max()).item()
+        same_top1 = bool((a.argmax(1) == b.argmax(1)).all())
+        result[precision] = {"max_rel_error": error, "tolerance": tolerance, "same_top1": same_top1}
+        result["passed"] &= error <= tolerance and same_top1
+    return result
+
+
+class Sections:
+    """The sections at one batch size (args.batch), as table rows {section, setting, batch, name, img_s,
+    peak_mib, baseline, baseline_img_s, baseline_peak_mib, ratio} (or error)."""
+
+    def __init__(self, args) -> None:
+        self.args, self.rows = args, []
+        self.cuda = args.device.type == "cuda"
+        self.precision = args.precisions[-1]  # of sections b-e
+        self.loop_modes = [m for m in args.compile if m in ("eager", "default")]  # the module's compile flag
+        self.model_only: dict[tuple, dict | None] = {}  # (precision, layout, mode) -> (a)'s measurement of ours
+        self.loop: dict[str, dict | None] = {}  # mode -> (b)'s measurement with EMA
+
+    def measure(self, section: str, setting: str, name: str, baseline: str, run, base) -> dict | None:
+        """Runs `run`, then `base` (a callable, or an earlier measurement); the ratio is run / base."""
+        row = {"section": section, "setting": setting, "batch": self.args.batch, "name": name, "baseline": baseline}
+        print(f"{time.strftime('%H:%M:%S')} [{section}] {setting}, batch {self.args.batch}: {name} vs {baseline}",
+              file=sys.stderr, flush=True)
+        try:  # one failing variant (e.g. out of memory) must not lose the rest of a long grid
+            ours = run()
+            base = base() if callable(base) else base
+        except Exception as error:  # noqa: BLE001
+            traceback.print_exc()
+            self.rows.append({**row, "error": f"{type(error).__name__}: {error}"[:300]})
+            return None
+        self.rows.append({**row, "img_s": ours["img_s"], "peak_mib": ours["peak_mib"], "baseline_img_s": base["img_s"],
+                          "baseline_peak_mib": base["peak_mib"], "ratio": ours["img_s"] / base["img_s"]})
+        return ours
+
+    def a(self) -> None:
+        args = self.args
+        for precision, layout, mode in itertools.product(args.precisions, args.layouts, args.compile):
+            if mode == "reduce-overhead" and not self.cuda:
+                continue  # CUDA graphs
+            self.model_only[precision, layout, mode] = self.measure(
+                "a", f"train step {precision} {layout} {mode}", "ours", "timm",
+                partial(train_step_rate, "ours", precision, layout, mode, args),
+                partial(train_step_rate, "timm", precision, layout, mode, args))
+
+    def synthetic(self, mode: str, ema: bool = True) -> Callable[[], dict]:
+        args = self.args
+        data = partial(SyntheticDataModule, NUM_CLASSES, batch_size=args.batch, image_size=args.image_size,
+                       device=str(args.device) if self.cuda else "cpu:0")  # not "cpu": one fixed batch on CPU too
+        return partial(fit_rate, data, self.precision, mode, ema, args.steps, args)
+
+    def b(self) -> None:
+        for mode in self.loop_modes:
+            setting = f"fit synthetic {self.precision} channels_last {mode}"
+            base = self.model_only.get((self.precision, "channels_last", mode)) or partial(
+                train_step_rate, "ours", self.precision, "channels_last", mode, self.args)
+            self.loop[mode] = self.measure("b", setting + " EMA", "lightning", "model-only", self.synthetic(mode), base)
+            self.measure("b", setting + " no EMA", "lightning", "model-only", self.synthetic(mode, ema=False), base)
+
+    def c(self) -> None:
+        args, mode = self.args, self.loop_modes[-1]
+        steps = max(args.steps, 8 * args.workers)  # more than the 2 batches per worker prefetched in warm-up
+        with tempfile.TemporaryDirectory() as tmp:
+            make_images(Path(tmp, "images"), args.images)
+            write_shards(str(Path(tmp, "images")), str(Path(tmp, "shards")), shard_size=max(1, args.images // 32),
+                         workers=min(os.cpu_count() or 1, 1 + args.images // 256), progress=False)
+            for decode in ("cpu", "cuda") if self.cuda else ("cpu",):
+                data = partial(WebDatasetDataModule, train=str(Path(tmp, "shards")), batch_size=args.batch,
+                               num_workers=args.workers, image_size=args.image_size, decode_device=decode)
+                self.measure("c", f"fit JPEG shards, decode {decode}, {args.workers} workers, {self.precision} {mode}",
+                             "lightning", "synthetic", partial(fit_rate, data, self.precision, mode, True, steps, args),
+                             self.loop.get(mode) or self.synthetic(mode))
+
+    def d(self) -> None:
+        for mode in (m for m in self.args.compile if self.cuda or m != "reduce-overhead"):
+            self.measure("d", f"inference {self.precision} channels_last {mode}", "ours", "timm",
+                         partial(inference_rate, "ours", self.precision, mode, self.args),
+                         partial(inference_rate, "timm", self.precision, mode, self.args))
+
+    def e(self) -> None:
+        size = max(self.args.image_size, 75)  # Inception V3's smallest input
+        args = argparse.Namespace(**{**vars(self.args), "image_size": size})
+        self.measure("e", f"Table 3 train step {self.precision} channels_last eager, {size} px", "xception",
+                     "inception_v3", partial(train_step_rate, "ours", self.precision, "channels_last", "eager", args),
+                     partial(train_step_rate, "inception_v3", self.precision, "channels_last", "eager", args))
+
+
+def environment(args) -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor())
+    return {"device": torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else f"CPU {cpu}",
+            "cpu": cpu, "cpu_cores": len(os.sched_getaffinity(0)), "load_average": os.getloadavg(),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "torch": torch.__version__, "timm": timm.__version__,
+            "lightning": L.__version__, "command": " ".join(sys.argv),
+            "args": {k: str(v) for k, v in vars(args).items()}}
+
+
+def table(rows: list[dict], check: dict | None, params: dict) -> str:
+    lines = ["| section | setting | batch | name | img/s | baseline | img/s | ratio | peak MiB (name / baseline) |",
+             "|---|---|---:|---|---:|---|---:|---:|---:|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['section']} | {r['setting']} | {r['batch']} | {r['name']} | failed: {r['error']} "
+                         f"| {r['baseline']} | | | |")
+            continue
+        lines.append(f"| {r['section']} | {r['setting']} | {r['batch']} | {r['name']} | {r['img_s']:,.1f} | "
+                     f"{r['baseline']} | {r['baseline_img_s']:,.1f} | {r['ratio']:.3f} | "
+                     f"{r['peak_mib']:,.0f} / {r['baseline_peak_mib']:,.0f} |")
+    if check is not None:
+        lines.append(f"\nOutputs check, Xception.from_timm(timm weights) vs timm legacy_xception, eval: "
+                     f"{'PASSED' if check['passed'] else 'FAILED'} " + json.dumps({k: v for k, v in check.items()
+                                                                                   if k != "passed"}))
+    if params:
+        paper = PAPER_TABLE_3
+        lines.append(f"\nTable 3: parameters Xception {params['xception']:,} (paper {paper['xception_params']:,}), "
+                     f"Inception V3 {params['inception_v3']:,} (paper {paper['inception_params']:,}).")
+        lines += [f"Training steps/s at batch {r['batch']}: Xception {r['img_s'] / r['batch']:.3g}, Inception V3 "
+                  f"{r['baseline_img_s'] / r['batch']:.3g}, ratio {r['ratio']:.2f} (paper: 28 / 31 = "
+                  f"{paper['steps_ratio']:.2f} on 60 K80s)" for r in rows if r["section"] == "e" and "ratio" in r]
+    return "\n".join(lines)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--sections", default="a,b,c,d,e", help="comma-separated subset of a,b,c,d,e")
+    parser.add_argument("--quick", action="store_true", help=f"small defaults for a CPU: {QUICK}")
+    parser.add_argument("--batch-sizes", help=f"comma-separated (default {FULL['batch_sizes']})")
+    parser.add_argument("--steps", type=int, help=f"timed steps (default {FULL['steps']})")
+    parser.add_argument("--repeats", type=int, help=f"blocks the timed steps of a, d, e are split into, for the "
+                        f"median (default {FULL['repeats']})")
+    parser.add_argument("--warmup", type=int, help=f"untimed steps first (default {FULL['warmup']})")
+    parser.add_argument("--precisions", help=f"fp32 and/or bf16 (autocast) (default {FULL['precisions']})")
+    parser.add_argument("--layouts", default="nchw,channels_last")
+    parser.add_argument("--compile", help=f"of {','.join(COMPILE_MODES)} (default {FULL['compile']})")
+    parser.add_argument("--image-size", type=int, default=299)
+    parser.add_argument("--images", type=int, help=f"JPEGs written for section c (default {FULL['images']})")
+    parser.add_argument("--workers", type=int, default=min(15, (os.cpu_count() or 2) - 1))
+    parser.add_argument("--out", default="results.json")
+    args = parser.parse_args()
+    for key, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.device = torch.device(args.device)
+    args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    args.sections, args.precisions, args.layouts, args.compile = (
+        s.split(",") for s in (args.sections, args.precisions, args.layouts, args.compile))
+    for name, given, allowed in (("sections", args.sections, "abcde"), ("compile", args.compile, COMPILE_MODES),
+                                 ("precisions", args.precisions, ("fp32", "bf16")),
+                                 ("layouts", args.layouts, ("nchw", "channels_last"))):
+        if unknown := set(given) - set(allowed):
+            parser.error(f"--{name} {','.join(sorted(unknown))}: choose from {','.join(allowed)}")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    if args.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # both networks get cuDNN's fastest kernels
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="lightning")
+    torch.manual_seed(0)
+
+    check = None
+    if {"a", "d"} & set(args.sections):  # before any timing
+        check = check_outputs(args)
+        print(f"outputs check (ours from_timm vs timm, eval): {check}", file=sys.stderr)
+    rows = []
+    for args.batch in args.batch_sizes:  # the batch every measurement reads
+        sections = Sections(args)
+        for name in sorted(args.sections):  # c reuses b's measurement as its baseline
+            if name != "c" or sections.loop_modes:
+                getattr(sections, name)()
+        rows += sections.rows
+    params = {}
+    if "e" in args.sections:
+        params = {n: sum(p.numel() for p in build(m).parameters()) for n, m in
+                  (("xception", "ours"), ("inception_v3", "inception_v3"))}
+    report = {"environment": environment(args), "check": check, "params": params, "paper_table_3": PAPER_TABLE_3,
+              "rows": rows}
+    Path(args.out).write_text(json.dumps(report, indent=1))
+    env = report["environment"]
+    print(f"\n{env['device']}, torch {env['torch']}, timm {env['timm']}, lightning {env['lightning']}, {env['date']}")
+    print(table(rows, check, params))
+    sys.exit(0 if (check is None or check["passed"]) and not any("error" in r for r in rows) else 1)
+
+
+if __name__ == "__main__":
+    main()
