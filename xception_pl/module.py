@@ -22,6 +22,12 @@ NetworkCallable = Callable[[int], nn.Module]  # num_classes -> network
 Batch = dict[str, Any]  # {"image": [B,3,H,W] in [-1, 1], "target": [B] or [B, C] multi-hot, "skipped", "key"}
 
 
+def last_checkpoint(**every: int) -> ModelCheckpoint:
+    """Writes (atomically overwrites) checkpoints/last.ckpt. Not Lightning's save_last: that follows a top-k
+    save only, so while the metric stalls last.ckpt would stay at the last improvement, and so would a resume."""
+    return ModelCheckpoint(filename="last", monitor=None, save_top_k=1, enable_version_counter=False, **every)
+
+
 class XceptionModule(L.LightningModule):
     """Trains a classifier with the recipe of sec. 4.2-4.4, on single-label or multi-label data.
 
@@ -204,12 +210,12 @@ class XceptionModule(L.LightningModule):
         name = "epoch={epoch}-step={step}-" + metric.split("/")[1] + "={" + metric + ":.4f}"
         callbacks: list[L.Callback] = [
             ModelCheckpoint(monitor=metric, mode="max", save_top_k=self.hparams.save_top_k,
-                            save_last=True, filename=name, auto_insert_metric_name=False),
+                            filename=name, auto_insert_metric_name=False),
+            last_checkpoint(every_n_epochs=1),  # after every validation
             ImagesPerSecond(),
         ]
         if self.hparams.checkpoint_every_n_steps:
-            callbacks.append(ModelCheckpoint(every_n_train_steps=self.hparams.checkpoint_every_n_steps,
-                                             save_last=True, save_top_k=0))
+            callbacks.append(last_checkpoint(every_n_train_steps=self.hparams.checkpoint_every_n_steps))
         if self.hparams.ema_decay is not None:
             callbacks.append(EMAWeightAveraging(decay=self.hparams.ema_decay))
         return callbacks
