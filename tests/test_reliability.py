@@ -345,11 +345,15 @@ def test_best_k_bookkeeping_survives_a_restart(tmp_path):
             best = trainer.checkpoint_callback.best_k_models
             restored.update({Path(path).name: round(float(score), 4) for path, score in best.items()})
 
-    second = fit(6, ckpt_path=str(tmp_path / "checkpoints" / "last.ckpt"), probe=Probe())
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    fit(5, ckpt_path=str(last), probe=Probe())
     assert restored == {"epoch=1-step=2-acc1=0.6000.ckpt": 0.6, "epoch=2-step=3-acc1=0.4000.ckpt": 0.4}
+    assert torch.load(last, weights_only=True)["global_step"] == 5  # written after 0.1 too, not only after a best
+
+    third = fit(6, ckpt_path=str(last))
     # 0.8 then 0.7 displaced both files of the first run: exactly k remain, those the bookkeeping lists
     assert best_files() == {"epoch=3-step=4-acc1=0.8000.ckpt", "epoch=5-step=6-acc1=0.7000.ckpt"}
-    assert {Path(p).name for p in second.best_k_models} == best_files()
+    assert {Path(p).name for p in third.best_k_models} == best_files()
 
 
 def test_checkpoints_are_read_with_weights_only_when_resuming(tmp_path, monkeypatch):
