@@ -14,7 +14,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter, ThroughputMonitor
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint, ThroughputMonitor
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 
@@ -116,6 +116,38 @@ def unreadable_checkpoint(path: str | os.PathLike, error: BaseException) -> str:
     return (f"checkpoint {path} is not a readable torch checkpoint (truncated, corrupt or another format: "
             f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'empty'}). Resume from another "
             "one: the best-k files in checkpoints/, or an hpc_ckpt_*.ckpt of the run directory.")
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """checkpoints/last.ckpt, the newest state: (atomically) rewritten after every validation (or at the end
+    of every training epoch, without one), at the end of training, and every `every_n_train_steps` optimizer
+    steps if given. List it after the best-k ModelCheckpoint: in a hook both save in, last.ckpt then holds
+    the best-k bookkeeping of that save.
+
+    Not Lightning's `save_last=True`: that writes last.ckpt only right after a top-k save, so while the
+    monitored metric stalls, last.ckpt (and a resume from it) stays at the last improvement, and the
+    last.ckpt of a finished run is not its final state.
+    """
+
+    def __init__(self, every_n_train_steps: int | None = None) -> None:
+        super().__init__(filename="last", monitor=None, save_top_k=1, enable_version_counter=False,
+                         every_n_train_steps=every_n_train_steps, every_n_epochs=0)
+
+    # The hooks a ModelCheckpoint saves its best-k in, so last.ckpt (written after it) holds its new state.
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._should_save_on_train_epoch_end(trainer):
+            self.save(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._should_save_on_train_epoch_end(trainer):
+            self.save(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.save(trainer)  # e.g. max_steps in the middle of an epoch
+
+    def save(self, trainer: L.Trainer) -> None:
+        if not self._should_skip_saving_checkpoint(trainer):  # not fitting, sanity check, or saved at this step
+            self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
 class ImagesPerSecond(ThroughputMonitor):

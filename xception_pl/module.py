@@ -13,19 +13,13 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from xception_pl.callbacks import ImagesPerSecond
+from xception_pl.callbacks import ImagesPerSecond, LastCheckpoint
 from xception_pl.metrics import MeanAveragePrecisionAtK, TopLabelAccuracy
 from xception_pl.model import Xception
 from xception_pl.schedules import SampleStepDecay
 
 NetworkCallable = Callable[[int], nn.Module]  # num_classes -> network
 Batch = dict[str, Any]  # {"image": [B,3,H,W] in [-1, 1], "target": [B] or [B, C] multi-hot, "skipped", "key"}
-
-
-def last_checkpoint(**every: int) -> ModelCheckpoint:
-    """Writes (atomically overwrites) checkpoints/last.ckpt. Not Lightning's save_last: that follows a top-k
-    save only, so while the metric stalls last.ckpt would stay at the last improvement, and so would a resume."""
-    return ModelCheckpoint(filename="last", monitor=None, save_top_k=1, enable_version_counter=False, **every)
 
 
 class XceptionModule(L.LightningModule):
@@ -211,11 +205,9 @@ class XceptionModule(L.LightningModule):
         callbacks: list[L.Callback] = [
             ModelCheckpoint(monitor=metric, mode="max", save_top_k=self.hparams.save_top_k,
                             filename=name, auto_insert_metric_name=False),
-            last_checkpoint(every_n_epochs=1),  # after every validation
+            LastCheckpoint(every_n_train_steps=self.hparams.checkpoint_every_n_steps),
             ImagesPerSecond(),
         ]
-        if self.hparams.checkpoint_every_n_steps:
-            callbacks.append(last_checkpoint(every_n_train_steps=self.hparams.checkpoint_every_n_steps))
         if self.hparams.ema_decay is not None:
             callbacks.append(EMAWeightAveraging(decay=self.hparams.ema_decay))
         return callbacks
