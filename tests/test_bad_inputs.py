@@ -282,8 +282,9 @@ def test_a_non_finite_loss_stops_with_the_step_and_the_fix(tmp_path):
     data = tiny_data(image_size=32)
     module = tiny_module(data, network=TinyNetwork, ema_decay=None)
     module.network.fc.bias.data[0] = float("nan")
-    with pytest.raises(FloatingPointError, match=r"at global step 0 \(epoch 0, batch 0\); the weights were not updated"
-                                                 r" and the last checkpoint is intact. Lower the lr"):
+    with pytest.raises(FloatingPointError, match=r"at global step 0 \(batch 0 of its epoch\); that step and any after "
+                                                 r"it were skipped, so the weights and the last checkpoint are intact\. "
+                                                 r"Lower the lr"):
         tiny_trainer(tmp_path, limit_val_batches=0).fit(module, data)
 
 

@@ -25,7 +25,10 @@ class WeightRecorder(L.Callback):
     """The classifier weights after every optimizer step, and the ones validation runs with."""
 
     def __init__(self) -> None:
-        self.trained, self.validated = [], []
+        self.initial, self.trained, self.validated = None, [], []
+
+    def on_train_start(self, trainer, pl_module):
+        self.initial = pl_module.network.head.fc.weight.detach().clone()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.trained.append(pl_module.network.head.fc.weight.detach().clone())
@@ -40,9 +43,10 @@ def test_validation_uses_polyak_averaged_weights(tmp_path):
     module = tiny_module(data, ema_decay=0.5)
     tiny_trainer(tmp_path, callbacks=[recorder]).fit(module, data)
     assert len(recorder.trained) == 4 and len(recorder.validated) == 1
-    expected = recorder.trained[0]  # AveragedModel copies the first update, then averages
-    for weights in recorder.trained[1:]:
-        expected = 0.5 * expected + 0.5 * weights
+    expected = recorder.initial  # then TensorFlow's warm-up: decay min(0.5, (1 + t) / (10 + t)) at step t
+    for t, weights in enumerate(recorder.trained):
+        decay = min(0.5, (1 + t) / (10 + t))
+        expected = decay * expected + (1 - decay) * weights
     torch.testing.assert_close(recorder.validated[0], expected)
     assert not torch.allclose(recorder.validated[0], recorder.trained[-1])
     # The checkpoint's state_dict is the average, the raw weights are kept beside it for resuming.
@@ -95,7 +99,7 @@ def test_nonfinite_loss_stops_with_the_step_and_batch(tmp_path):
     data = tiny_data()
     module = tiny_module(data, ema_decay=None)
     module.network.head.fc.bias.data[0] = float("nan")
-    with pytest.raises(FloatingPointError, match=r"non-finite training loss at global step 0 \(epoch 0, batch 0\)"):
+    with pytest.raises(FloatingPointError, match=r"non-finite training loss at global step 0 \(batch 0 of its epoch\)"):
         tiny_trainer(tmp_path).fit(module, data)
 
 

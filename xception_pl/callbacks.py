@@ -7,14 +7,14 @@ import errno
 import json
 import os
 import pickle
-import warnings
+import time
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint, ThroughputMonitor
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 
@@ -150,13 +150,44 @@ class LastCheckpoint(ModelCheckpoint):
             self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
-class ImagesPerSecond(ThroughputMonitor):
-    """Lightning's throughput monitor counting images: logs train/device/samples_per_sec (per device)
-    and train/samples_per_sec (all devices)."""
+def logs_this_step(trainer: L.Trainer) -> bool:
+    """Whether Lightning sends this training step's logged values to the loggers (the one step kind on which
+    the host may read the device or talk to the other ranks). Lightning internal, see README "Seams"."""
+    return trainer._logger_connector.should_update_logs
 
-    def __init__(self, window_size: int = 10) -> None:
-        warnings.filterwarnings("ignore", message=".*flops_per_batch.*")  # images/s is what we report
-        super().__init__(batch_size_fn=lambda batch: len(batch["image"]), window_size=window_size, separator="/")
+
+
+class ImagesPerSecond(L.Callback):
+    """Training images/s over the steps between two logging steps: train/device/samples_per_sec (per device)
+    and train/samples_per_sec (all devices).
+
+    Why not Lightning's ThroughputMonitor: it synchronises the device after every batch. Here the clock is
+    read on logging steps only, after a synchronise there (where the host reads the logged values anyway);
+    validation time is left out.
+    """
+
+    def __init__(self) -> None:
+        self.start: tuple[float, int] | None = None  # (time, global step) of the interval's start
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if self.start is None:  # the first step, or the first after a validation
+            self.start = (time.perf_counter(), trainer.global_step)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.start = None
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if self.start is None or not logs_this_step(trainer):
+            return
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        now, (start, start_step) = time.perf_counter(), self.start
+        steps = trainer.global_step - start_step
+        if steps > 0 and now > start:
+            per_device = steps * pl_module.global_batch_size / trainer.world_size / (now - start)
+            pl_module.log("train/device/samples_per_sec", per_device)
+            pl_module.log("train/samples_per_sec", per_device * trainer.world_size)
+        self.start = (now, trainer.global_step)
 
 
 class PredictionWriter(BasePredictionWriter):

@@ -2,6 +2,8 @@
 
 from torchvision.models import Inception3
 
+from xception_pl.model import FullPrecisionLinear
+
 
 class InceptionV3(Inception3):
     """torchvision's Inception V3 (Szegedy et al. 2016) with our constructor: `num_classes` first, as Xception.
@@ -12,3 +14,6 @@ class InceptionV3(Inception3):
     def __init__(self, num_classes: int = 1000, drop_rate: float = 0.5) -> None:
         super().__init__(num_classes=num_classes, aux_logits=False, transform_input=False,
                          init_weights=True, dropout=drop_rate)
+        fc = FullPrecisionLinear(self.fc.in_features, num_classes)  # fp32 logits under autocast, as Xception's
+        fc.load_state_dict(self.fc.state_dict())  # keeps torchvision's init
+        self.fc = fc

@@ -2,21 +2,33 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from typing import Any, Callable, Literal
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, ThroughputMonitor, WeightAveraging
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
+from torch.distributed import ReduceOp
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from xception_pl.callbacks import ImagesPerSecond, LastCheckpoint
+from xception_pl.callbacks import ImagesPerSecond, LastCheckpoint, logs_this_step
+from xception_pl.ema import PolyakAveraging
+from xception_pl.guard import BatchNormState, found_nonfinite, poison, skips_on_device, zero_momentum_buffers
 from xception_pl.metrics import MeanAveragePrecisionAtK, TopLabelAccuracy
 from xception_pl.model import Xception
 from xception_pl.schedules import SampleStepDecay
+
+log = logging.getLogger(__name__)
+COUNTS = ("nonfinite_losses", "first_nonfinite_step", "first_nonfinite_batch", "skipped_steps",
+          "data_skipped_train", "data_skipped_val", "data_skipped_test")
 
 NetworkCallable = Callable[[int], nn.Module]  # num_classes -> network
 Batch = dict[str, Any]  # {"image": [B,3,H,W] in [-1, 1], "target": [B] or [B, C] multi-hot, "skipped", "key"}
@@ -79,7 +91,11 @@ class XceptionModule(L.LightningModule):
             raise ValueError(f"num_classes={num_classes}: need at least 2 classes")
         if ema_decay is not None and not 0.0 < ema_decay < 1.0:
             raise ValueError(f"model.ema_decay={ema_decay} must be in (0, 1), or null to turn Polyak averaging off")
-        self.save_hyperparameters(ignore=["network", "optimizer", "lr_scheduler"])
+        # Under the CLI the hyperparameters are the config, callables included (class_path + init_args), so a
+        # checkpoint rebuilds its network, optimizer and schedule: load_from_checkpoint(path) needs no arguments.
+        # Built in Python, the callables are left out (they may be lambdas).
+        by_cli = _given_hyperparameters.get() is not None
+        self.save_hyperparameters(ignore=[] if by_cli else ["network", "optimizer", "lr_scheduler"])
         self.network = network(num_classes)
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
@@ -89,7 +105,12 @@ class XceptionModule(L.LightningModule):
             self.network.compile()
         self.metrics = nn.ModuleDict({stage: self.build_metrics(stage) for stage in ("val", "test")})
         self.losses = nn.ModuleDict({stage: MeanMetric() for stage in ("val", "test")})
-        self.step_is_finite = True  # of the last optimizer step; see optimizer_step
+        self.batchnorm_state = BatchNormState(self.network)
+        self.step_kept: Tensor | None = None  # 0-dim float on the device: 0.0 if the last step was skipped
+        # Counters of this run, on the device (moved by _apply): the host reads them on logging steps only.
+        self.counts = {name: torch.zeros((), dtype=torch.long) for name in COUNTS}
+        self.counts["first_nonfinite_step"] -= 1
+        self.counts["first_nonfinite_batch"] -= 1
 
     def build_metrics(self, stage: str) -> MetricCollection:
         """val/acc1 (+ val/acc5) for single-label (Table 1); val/map100 and val/acc1 (top label is a
@@ -122,60 +143,105 @@ class XceptionModule(L.LightningModule):
             return F.binary_cross_entropy_with_logits(logits, target.to(logits.dtype), reduction="sum") / len(logits)
         return F.cross_entropy(logits, target, label_smoothing=self.hparams.label_smoothing)
 
+    def _apply(self, fn: Callable[[Tensor], Tensor], *args: Any, **kwargs: Any) -> "XceptionModule":
+        super()._apply(fn, *args, **kwargs)
+        self.counts = {name: fn(count) for name, count in self.counts.items()}
+        return self
+
     def shared_step(self, batch: Batch, stage: str) -> tuple[Tensor, Tensor]:
         logits = self(batch["image"])
         loss = self.loss(logits, batch["target"])
         if "skipped" in batch:  # samples the data workers dropped (corrupt, unreadable, bad label)
-            key = "data/skipped" if stage == "train" else f"data/{stage}_skipped"
-            self.log(key, batch["skipped"].sum().float(), reduce_fx="sum", on_step=False, on_epoch=True)
+            self.counts[f"data_skipped_{stage}"] += batch["skipped"].sum()
         return logits, loss
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         logits, loss = self.shared_step(batch, "train")
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/lr", self.optimizers().optimizer.param_groups[0]["lr"], prog_bar=True)
-        return loss
+        bad = ~torch.isfinite(loss.detach())  # checked for every micro-batch when accumulating
+        first = bad & (self.counts["nonfinite_losses"] == 0)
+        self.counts["first_nonfinite_step"].masked_fill_(first, self.global_step)
+        self.counts["first_nonfinite_batch"].masked_fill_(first, batch_idx)
+        self.counts["nonfinite_losses"] += bad
+        if logs_this_step(self.trainer):
+            self.log("train/loss", loss, prog_bar=True)
+        return poison(loss)  # a non-finite loss makes every gradient NaN, on every rank: see guard.py
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
-        # Forward and backward run on every rank (DDP's gradient all-reduce stays in step), then
-        # the loss is checked once, after backward is queued: one host sync per step, the price of
-        # never stepping on a NaN. A skipped batch changes nothing (no step, momentum or EMA update).
-        loss = optimizer_closure()
-        self.step_is_finite = self.loss_is_finite(loss, batch_idx)
-        if self.step_is_finite:
-            optimizer.step()
-
-    def loss_is_finite(self, loss: Tensor, batch_idx: int) -> bool:
-        """Agreed by all ranks; raises for nonfinite_loss="stop"."""
-        nonfinite = self.trainer.strategy.reduce((~torch.isfinite(loss.detach())).float(), reduce_op="sum")
-        if not nonfinite.item():
-            return True
-        if self.hparams.nonfinite_loss == "stop":
-            raise FloatingPointError(
-                f"non-finite training loss at global step {self.global_step} (epoch {self.current_epoch}, batch "
-                f"{batch_idx}); the weights were not updated and the last checkpoint is intact. Lower the lr or "
-                "check the data, then resume with --ckpt_path last; or set model.nonfinite_loss=skip to skip such "
-                "batches.")
-        return False
+        # Lightning's closure contract (so 16-mixed's GradScaler steps and updates), with a device-side
+        # guard: a step whose gradients are not finite changes nothing, and nobody waits for the host.
+        loss = optimizer_closure()  # forward and backward (the last micro-batch of an accumulated step)
+        raw = optimizer.optimizer
+        found = found_nonfinite([p.grad for group in raw.param_groups for p in group["params"] if p.grad is not None])
+        self.batchnorm_state.restore_where(found)  # the forward of a skipped step updated the statistics
+        self.step_kept = (1.0 - found).reshape(())  # read by PolyakAveraging
+        self.counts["skipped_steps"] += found.long().reshape(())
+        if skips_on_device(raw):
+            raw.found_inf = found  # GradScaler (16-mixed) sets its own, which includes this one
+            optimizer.step(closure=lambda: loss)
+            raw.__dict__.pop("found_inf", None)
+        elif not found.item():  # an optimizer that cannot skip on the device: one host read per step
+            optimizer.step(closure=lambda: loss)
+        self.batchnorm_state.save()
 
     def on_train_batch_end(self, outputs: Any, batch: Batch, batch_idx: int) -> None:
-        skipped = float(not self.step_is_finite)
-        self.log("train/skipped_nonfinite", skipped, reduce_fx="sum", on_step=False, on_epoch=True)
+        if not logs_this_step(self.trainer):
+            return  # everything below reads the device or the other ranks: logging steps only
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True)
+        self.log("train/skipped_nonfinite", self.counts["skipped_steps"].float())
+        if self.hparams.nonfinite_loss == "stop":
+            self.stop_on_nonfinite_loss()
+
+    def stop_on_nonfinite_loss(self) -> None:
+        """Raised at the first logging step after a NaN/inf loss on any rank (the step itself was skipped on
+        the device, so the weights and the last checkpoint are those of the last good step)."""
+        strategy, counts = self.trainer.strategy, self.counts
+        if not strategy.reduce(counts["nonfinite_losses"].float(), reduce_op="sum").item():
+            return
+        # The first bad (step, batch) over the ranks, as one number; ranks without one offer the largest.
+        first = counts["first_nonfinite_step"] * 2**32 + counts["first_nonfinite_batch"]
+        first = torch.where(counts["nonfinite_losses"] > 0, first, torch.iinfo(torch.int64).max)
+        if strategy.world_size > 1:
+            first = strategy.reduce(first, reduce_op=ReduceOp.MIN)
+        first = divmod(int(first.item()), 2**32)
+        raise FloatingPointError(
+            f"non-finite training loss at global step {first[0]} (batch {first[1]} of its epoch); that step and "
+            "any after it were skipped, so the weights and the last checkpoint are intact. Lower the lr or check "
+            "the data, then resume with --ckpt_path last; or set model.nonfinite_loss=skip to skip such batches.")
+
+    def on_train_epoch_end(self) -> None:
+        self.log_data_skipped("train")
+
+    def log_data_skipped(self, stage: str) -> None:
+        key = "data/skipped" if stage == "train" else f"data/{stage}_skipped"
+        self.log(key, self.counts[f"data_skipped_{stage}"].float(), reduce_fx="sum", sync_dist=True)  # all ranks, once
+        self.counts[f"data_skipped_{stage}"].zero_()
 
     def evaluation_step(self, batch: Batch, stage: str) -> None:
         logits, loss = self.shared_step(batch, stage)
-        # Metric objects accumulate locally and sync once, at epoch end: ranks may see different
-        # numbers of batches (each validation sample exactly once), so nothing syncs per step.
+        # Metric objects accumulate locally and sync once, at epoch end (on_*_epoch_end): ranks may see
+        # different numbers of batches, or none (each evaluation sample exactly once), so nothing syncs here.
         self.losses[stage].update(loss, weight=len(logits))
         self.metrics[stage].update(logits.float(), batch["target"])
-        self.log(f"{stage}/loss", self.losses[stage], prog_bar=True)
-        self.log_dict(self.metrics[stage], prog_bar=True)
+
+    def log_evaluation(self, stage: str) -> None:
+        """Every rank syncs its metric states here, also a rank that had no batch."""
+        self.log(f"{stage}/loss", self.losses[stage].compute(), prog_bar=True)
+        self.log_dict(self.metrics[stage].compute(), prog_bar=True)
+        self.losses[stage].reset()
+        self.metrics[stage].reset()
+        self.log_data_skipped(stage)
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         self.evaluation_step(batch, "val")
 
+    def on_validation_epoch_end(self) -> None:
+        self.log_evaluation("val")
+
     def test_step(self, batch: Batch, batch_idx: int) -> None:
         self.evaluation_step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self.log_evaluation("test")
 
     def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, Any]:
         logits = self(batch["image"]).float()
@@ -192,34 +258,86 @@ class XceptionModule(L.LightningModule):
         except (ValueError, TypeError) as error:
             raise ValueError(f"model.optimizer: {error}. Fix model.optimizer.init_args in the config "
                              "(lr must be positive, momentum in [0, 1)).") from error
+        zero_momentum_buffers(optimizer)
+        self.configured_groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        if not skips_on_device(optimizer):
+            log.warning("%s cannot skip a non-finite step on the device, so every step waits for the host to check "
+                        "the gradients. Use torch.optim.SGD with fused: true, or xception_pl.optim.RMSpropTF.",
+                        type(optimizer).__name__)
         if self.lr_scheduler is None:
             return optimizer
         scheduler = self.lr_scheduler(optimizer)
         if isinstance(scheduler, SampleStepDecay):
-            scheduler.configure(self.global_batch_size, self.hparams.train_size)
+            scheduler.configure(self.global_batch_size, self.hparams.train_size,
+                                skipped_steps=lambda: int(self.counts["skipped_steps"].item()))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def configure_callbacks(self) -> list[L.Callback]:
+    def run_callbacks(self, given: list[L.Callback]) -> list[L.Callback]:
+        """The callbacks every run gets, except those of a kind the user already gave (theirs win; said once)."""
         metric = self.main_metric
         name = "epoch={epoch}-step={step}-" + metric.split("/")[1] + "={" + metric + ":.4f}"
-        callbacks: list[L.Callback] = [
-            ModelCheckpoint(monitor=metric, mode="max", save_top_k=self.hparams.save_top_k,
-                            filename=name, auto_insert_metric_name=False),
-            LastCheckpoint(every_n_train_steps=self.hparams.checkpoint_every_n_steps),
-            ImagesPerSecond(),
-        ]
+        ours: dict[str, tuple[L.Callback, Callable[[L.Callback], bool]]] = {
+            "best-k checkpoints": (
+                ModelCheckpoint(monitor=metric, mode="max", save_top_k=self.hparams.save_top_k, filename=name,
+                                auto_insert_metric_name=False),
+                lambda c: isinstance(c, ModelCheckpoint) and not isinstance(c, LastCheckpoint)),
+            "last.ckpt": (LastCheckpoint(every_n_train_steps=self.hparams.checkpoint_every_n_steps),
+                          lambda c: isinstance(c, LastCheckpoint) or getattr(c, "save_last", None)),
+            "images/s": (ImagesPerSecond(), lambda c: isinstance(c, (ImagesPerSecond, ThroughputMonitor))),
+        }
         if self.hparams.ema_decay is not None:
-            callbacks.append(EMAWeightAveraging(decay=self.hparams.ema_decay))
+            ours["Polyak averaging"] = (PolyakAveraging(self.hparams.ema_decay, reference_batch=self.hparams.batch_size),
+                                        lambda c: isinstance(c, WeightAveraging))
+        callbacks = []
+        for what, (callback, same_kind) in ours.items():
+            theirs = [c for c in given if same_kind(c) and not is_lightning_default(c)]
+            if theirs:
+                rank_zero_info(f"{what}: using {type(theirs[0]).__name__} from the trainer's callbacks, not ours")
+            else:
+                callbacks.append(callback)
         return callbacks
 
+    def configure_callbacks(self) -> list[L.Callback]:
+        return self.run_callbacks(self.trainer.callbacks)  # the CLI has added them already: then none
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.trainer.world_size > 1:
+            # Each rank its own dropout masks (and GPU-side augmentation); seed_everything gave all the same.
+            # The data stream has its own seeds (seed, epoch, rank, worker).
+            torch.manual_seed(int(os.environ.get("PL_GLOBAL_SEED", 0)) + self.trainer.global_rank)
+
     def on_train_start(self) -> None:
+        self.batchnorm_state.save()
+        self.apply_configured_optimizer()
         if self.logger is not None:
             self.logger.log_metrics({"train/global_batch_size": self.global_batch_size}, step=self.global_step)
+
+    def apply_configured_optimizer(self) -> None:
+        """On resume the optimizer's hyperparameters come back from the checkpoint; the config's win (an edited
+        momentum or weight decay takes effect), and the lr is the schedule's at the restored sample count."""
+        optimizer = self.trainer.optimizers[0]
+        edits = set()
+        for group, configured in zip(optimizer.param_groups, self.configured_groups):
+            for key, value in configured.items():
+                if key not in ("lr", "initial_lr") and group.get(key) != value:
+                    edits.add(f"{key}={value} (checkpoint: {group.get(key)})")
+                    group[key] = value
+        if self.lr_schedulers() is not None:
+            scheduler = self.lr_schedulers()
+            for group, lr in zip(optimizer.param_groups, scheduler.get_lr()):
+                group["lr"] = lr
+            scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+        if edits:
+            rank_zero_warn(f"the config's optimizer settings replace the checkpoint's: {', '.join(sorted(edits))}")
 
     def on_fit_end(self) -> None:
         if self.logger is not None:  # hparams beside the final validation metrics in TensorBoard's HPARAMS tab
             final = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("val/")}
-            self.logger.log_hyperparams(self.hparams, final)
+            log_hyperparameters(self.logger, self.hparams, final)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        checkpoint["class_names"] = getattr(datamodule, "class_names", None)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("hyper_parameters", {})
@@ -228,3 +346,36 @@ class XceptionModule(L.LightningModule):
                 raise ValueError(
                     f"the checkpoint was trained with {key}={saved[key]} but the data gives {key}={self.hparams[key]}: "
                     "point --ckpt_path at a checkpoint of this dataset, or use the dataset it was trained on")
+
+
+def is_lightning_default(callback: L.Callback) -> bool:
+    """The ModelCheckpoint a Trainer adds by itself (enable_checkpointing) when given none."""
+    return (type(callback) is ModelCheckpoint and callback.monitor is None and callback.dirpath is None
+            and callback.filename is None and not callback.save_last)
+
+
+def log_hyperparameters(logger: Logger, params: Any, final: dict[str, float]) -> None:
+    """The hyperparameters, and in TensorBoard's HPARAMS tab beside the final validation metrics.
+
+    TensorBoardLogger.log_hyperparams(params, metrics) also logs each metric as a scalar at step 0, which
+    TensorBoard then draws as the first point of every val/* curve (at its final value). The HPARAMS tab
+    reads the metrics' values from their own scalar series, so the summary only needs to name them.
+    """
+    logger.log_hyperparams(params)  # hparams.yaml (TensorBoard), or the logger's own record (CSV, W&B, MLflow)
+    if isinstance(logger, TensorBoardLogger) and final:
+        from torch.utils.tensorboard.summary import hparams
+
+        flat = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in flatten(dict(params)).items()}
+        writer = logger.experiment._get_file_writer()
+        for summary in hparams(flat, final):
+            writer.add_summary(summary)
+
+
+def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in params.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}/"))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

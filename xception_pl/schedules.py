@@ -8,11 +8,14 @@ world size: the number of samples seen is saved, and each step adds the global b
 
 from __future__ import annotations
 
+import logging
 import math
-from typing import Any
+from typing import Any, Callable
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
+
+log = logging.getLogger(__name__)
 
 
 class SampleStepDecay(LRScheduler):
@@ -27,8 +30,10 @@ class SampleStepDecay(LRScheduler):
         warmup_samples: linear warmup from 0 over this many samples (ours; 0 = off, as the paper).
     """
 
-    # Set by the module from the running trainer; not part of the saved state.
-    _RUN_FACTS = ("samples_per_step", "samples_per_epoch")
+    # The recipe comes from the config, also on resume (a config edit takes effect); facts of the running
+    # job come from the module. Neither is restored from a checkpoint: only the progress is.
+    _CONFIG = ("decay_rate", "decay_every_samples", "decay_every_epochs", "warmup_samples", "base_lrs")
+    _RUN_FACTS = ("samples_per_step", "samples_per_epoch", "skipped_steps", "skipped_before", "factor_now")
 
     def __init__(
         self,
@@ -51,18 +56,26 @@ class SampleStepDecay(LRScheduler):
         self.decay_every_samples = decay_every_samples
         self.decay_every_epochs = decay_every_epochs
         self.warmup_samples = warmup_samples
-        self.samples_seen = 0
+        self.samples_seen = 0  # by every optimizer step, skipped ones included
+        self.samples_skipped = 0  # by the steps skipped for a non-finite loss
         self.samples_per_step = 0
         self.samples_per_epoch: int | None = None
+        self.skipped_steps: Callable[[], int] | None = None
+        self.skipped_before = 0
+        self.factor_now: float | None = None
         super().__init__(optimizer)
 
-    def configure(self, samples_per_step: int, samples_per_epoch: int | None) -> None:
-        """Facts of the running job: the global batch, and the training set size."""
+    def configure(self, samples_per_step: int, samples_per_epoch: int | None,
+                  skipped_steps: Callable[[], int] | None = None) -> None:
+        """Facts of the running job: the global batch, the training set size, and a reader of the steps
+        skipped so far in this run (a device count: read only when it could change the lr)."""
         if self.decay_every_epochs is not None and not samples_per_epoch:
             raise ValueError("decay_every_epochs needs the training set size: give the data module a train set "
                              "(or train_size), or use decay_every_samples")
         self.samples_per_step = samples_per_step
         self.samples_per_epoch = samples_per_epoch
+        self.skipped_steps = skipped_steps
+        self.skipped_before = self.samples_skipped
 
     @property
     def interval(self) -> float:
@@ -82,8 +95,31 @@ class SampleStepDecay(LRScheduler):
             self.samples_seen += self.samples_per_step
         super().step()
 
+    def samples_trained(self) -> int:
+        """Samples of the steps that updated the weights. The skip count lives on the device; it is read
+        only when the lr would change at the uncorrected count (a decay boundary, or warmup), so a
+        steady-state step never waits for the host, and the lr is exact at every step."""
+        trained = self.samples_seen - self.samples_skipped
+        if self.skipped_steps is not None and self.factor(trained) != self.factor_now:
+            self.samples_skipped = self.skipped_before + self.skipped_steps() * self.samples_per_step
+            trained = self.samples_seen - self.samples_skipped
+        return trained
+
     def get_lr(self) -> list[float]:
-        return [base_lr * self.factor(self.samples_seen) for base_lr in self.base_lrs]
+        self.factor_now = self.factor(self.samples_trained())
+        return [base_lr * self.factor_now for base_lr in self.base_lrs]
 
     def state_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in super().state_dict().items() if k not in self._RUN_FACTS}
+        if self.skipped_steps is not None:  # exact in the checkpoint
+            self.samples_skipped = self.skipped_before + self.skipped_steps() * self.samples_per_step
+        state = super().state_dict()
+        progress = {k: v for k, v in state.items() if k not in self._CONFIG + self._RUN_FACTS}
+        return {**progress, "config": {k: state[k] for k in self._CONFIG}}  # "config": to report edits only
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("config", {k: state_dict[k] for k in self._CONFIG if k in state_dict})
+        edits = [f"{k}={getattr(self, k)} (checkpoint: {v})" for k, v in saved.items() if getattr(self, k) != v]
+        if edits:
+            log.warning("the config's lr schedule replaces the checkpoint's: %s", ", ".join(edits))
+        super().load_state_dict({k: v for k, v in state_dict.items() if k not in self._CONFIG + ("config",)})
+        self.skipped_before = self.samples_skipped

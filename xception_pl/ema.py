@@ -1,0 +1,80 @@
+"""Polyak averaging (sec. 4.2) as an exponential moving average whose horizon counts samples."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import WeightAveraging
+from torch import Tensor
+
+
+class PolyakAveraging(WeightAveraging):
+    """EMA of the weights and BatchNorm statistics, used by validation, test, predict and the checkpoint's
+    `state_dict` (Lightning's WeightAveraging swaps and saves it; the raw weights stay in the checkpoint as
+    `current_model_state` for resuming).
+
+    Args:
+        decay: the decay per `reference_batch` samples (ours: 0.9999, TensorFlow's Inception lineage).
+        reference_batch: samples one `decay` stands for: the per-device batch, so a 1-device run averages
+            exactly with `decay` per step and a run on N devices with decay ** N per step: the horizon is
+            the same number of samples on any world size, as the lr schedule's (ours).
+
+    Per update, with t = samples averaged so far / reference_batch, the decay is TensorFlow's warm-up
+    min(decay, (1 + t) / (10 + t)) (so an early validation is not an average of the initial weights),
+    raised to the power global batch / reference_batch. One multi-tensor lerp over all parameters and
+    buffers; no host read (Lightning's EMAWeightAveraging goes through AveragedModel, ~4 kernels per
+    tensor plus a host read of its update count). A step the module skipped (non-finite loss) leaves the
+    average untouched: the lerp weight is multiplied by the module's device flag `step_kept`.
+    """
+
+    def __init__(self, decay: float = 0.9999, reference_batch: int = 32) -> None:
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"decay={decay} must be in (0, 1)")
+        super().__init__(use_buffers=True)
+        self.decay, self.reference_batch = decay, reference_batch
+        self.samples = 0  # averaged in so far, over all ranks
+
+    def step_decay(self, global_batch: int) -> float:
+        t = self.samples / self.reference_batch
+        return min(self.decay, (1.0 + t) / (10.0 + t)) ** (global_batch / self.reference_batch)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if trainer.global_step <= self._latest_update_step:  # accumulating gradients: no optimizer step yet
+            return
+        self._latest_update_step = trainer.global_step
+        global_batch = pl_module.global_batch_size
+        weight = 1.0 - self.step_decay(global_batch)
+        self.samples += global_batch
+        averaged, current = self.tensors(self._average_model.module), self.tensors(pl_module)
+        kept: Tensor | None = getattr(pl_module, "step_kept", None)
+        floats = [i for i, t in enumerate(averaged) if t.is_floating_point()]
+        others = [i for i, t in enumerate(averaged) if not t.is_floating_point()]  # BN's num_batches_tracked
+        weights = weight if kept is None else [kept * weight] * len(floats)
+        torch._foreach_lerp_([averaged[i] for i in floats], [current[i] for i in floats], weights)
+        if others:
+            torch._foreach_copy_([averaged[i] for i in others], [current[i] for i in others])
+
+    @staticmethod
+    def tensors(module: torch.nn.Module) -> list[Tensor]:
+        return [t.detach() for t in (*module.parameters(), *module.buffers())]
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        pass  # updated after optimizer steps only
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning copies the average into the model here, before the final last.ckpt is written, which
+        # then loses the raw weights (a run extended from it would go on from the average): not here.
+        pass
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._average_model is not None:  # after the last checkpoint: the model left in memory is the average
+            self._copy_average_to_current(pl_module)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "samples": self.samples}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.samples = state_dict.get("samples", 0)
