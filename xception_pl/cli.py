@@ -12,6 +12,8 @@ from types import FrameType
 from typing import Any
 
 import lightning as L
+import torch
+from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
@@ -41,7 +43,7 @@ class XceptionCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # Facts of the data, typed once: in the data config (or its manifest).
-        for fact in ("num_classes", "multilabel", "train_size", "batch_size"):
+        for fact in DATA_FACTS:
             parser.link_arguments(f"data.{fact}", f"model.{fact}", apply_on="instantiate")
 
     def instantiate_classes(self) -> None:
@@ -75,13 +77,32 @@ class XceptionCLI(LightningCLI):
             slurm.record_run(root)
 
     def _parse_ckpt_path(self) -> None:
-        """LightningCLI reads the hyperparameters of --ckpt_path before anything else: an unreadable file is
-        reported in one line with the fix, not as torch's traceback."""
+        """The model arguments of --ckpt_path fill in what the config and command line leave at their defaults
+        (`validate --ckpt_path FILE` rebuilds the trained network without its config); what the user set wins,
+        and differences are said once. (LightningCLI's own rule: the checkpoint's win over --model.*.)
+        An unreadable file is reported in one line with the fix, not as torch's traceback."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
         try:
-            super()._parse_ckpt_path()
+            saved = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
         except UNREADABLE_CHECKPOINT as error:
-            raise SystemExit(f"error: {unreadable_checkpoint(self.config[self.config.subcommand].ckpt_path, error)}"
-                             ) from None
+            raise SystemExit(f"error: {unreadable_checkpoint(ckpt_path, error)}") from None
+        given = self.config[subcommand].model
+        defaults = self._parser(subcommand).get_defaults().model
+        taken, kept = {}, []
+        for key, value in saved.items():
+            if key.startswith("_") or key in DATA_FACTS or key not in given:
+                continue  # Lightning's bookkeeping, and facts the data gives
+            if plain(given[key]) == plain(defaults.get(key)):
+                taken[key] = value
+            elif plain(given[key]) != plain(value):
+                kept.append(f"model.{key}")
+        if kept:
+            print(f"--ckpt_path {ckpt_path}: the config's {', '.join(kept)} replace the checkpoint's", flush=True)
+        if taken:
+            self.config = self.parser.parse_object({subcommand: {"model": taken}}, self.config)
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> L.Trainer:
         root = config.get("default_root_dir") or "."
@@ -89,13 +110,33 @@ class XceptionCLI(LightningCLI):
             # The run directory itself holds the event files (no version_N subfolders), so a resumed
             # run keeps logging into the same place and checkpoints land in <root>/checkpoints.
             config["logger"] = TensorBoardLogger(save_dir=root, name="", version="", default_hp_metric=False)
-        plugins = config.get("plugins") or []
-        plugins = plugins if isinstance(plugins, list) else [plugins]
+        plugins = as_list(config.get("plugins"))
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             config["plugins"] = [*plugins, AtomicCheckpointIO()]
-        # Inert outside an srun step; inside one it replaces Lightning's SIGUSR1 save-and-requeue.
-        callbacks = [*callbacks, slurm.RequeueOnSignal()]
+        # Every run's callbacks, where the user gave none of the kind (theirs win): the module lists them.
+        given = [*as_list(config.get("callbacks")), *callbacks]
+        callbacks = [*callbacks, *self.model.run_callbacks(given), slurm.RequeueOnSignal()]
         return super()._instantiate_trainer(config, callbacks)
+
+
+DATA_FACTS = ("num_classes", "multilabel", "train_size", "batch_size")
+
+
+def as_list(value: Any) -> list[Any]:
+    return [] if value is None else value if isinstance(value, list) else [value]
+
+
+def plain(value: Any) -> Any:
+    """A config value as plain data, to compare a checkpoint's hyperparameters with the parsed config."""
+    if isinstance(value, Namespace):
+        value = value.as_dict()
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items() if v is not None}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, type):
+        return f"{value.__module__}.{value.__qualname__}"
+    return value
 
 
 def newest_checkpoint(root: Path) -> Path | None:

@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, ThroughputMonitor, Weig
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.distributed import ReduceOp
 from torchmetrics import MeanMetric, MetricCollection
@@ -105,6 +105,7 @@ class XceptionModule(L.LightningModule):
             self.network.compile()
         self.metrics = nn.ModuleDict({stage: self.build_metrics(stage) for stage in ("val", "test")})
         self.losses = nn.ModuleDict({stage: MeanMetric() for stage in ("val", "test")})
+        self.added_callbacks: list[L.Callback] = []  # by run_callbacks
         self.batchnorm_state = BatchNormState(self.network)
         self.step_kept: Tensor | None = None  # 0-dim float on the device: 0.0 if the last step was skipped
         # Counters of this run, on the device (moved by _apply): the host reads them on logging steps only.
@@ -290,11 +291,13 @@ class XceptionModule(L.LightningModule):
                                         lambda c: isinstance(c, WeightAveraging))
         callbacks = []
         for what, (callback, same_kind) in ours.items():
-            theirs = [c for c in given if same_kind(c) and not is_lightning_default(c)]
+            present = [c for c in given if same_kind(c) and not is_lightning_default(c)]
+            theirs = [c for c in present if c not in self.added_callbacks]
             if theirs:
                 rank_zero_info(f"{what}: using {type(theirs[0]).__name__} from the trainer's callbacks, not ours")
-            else:
+            elif not present:
                 callbacks.append(callback)
+        self.added_callbacks += callbacks
         return callbacks
 
     def configure_callbacks(self) -> list[L.Callback]:
@@ -327,8 +330,8 @@ class XceptionModule(L.LightningModule):
             for group, lr in zip(optimizer.param_groups, scheduler.get_lr()):
                 group["lr"] = lr
             scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
-        if edits:
-            rank_zero_warn(f"the config's optimizer settings replace the checkpoint's: {', '.join(sorted(edits))}")
+        if edits and self.global_rank == 0:
+            log.warning("the config's optimizer settings replace the checkpoint's: %s", ", ".join(sorted(edits)))
 
     def on_fit_end(self) -> None:
         if self.logger is not None:  # hparams beside the final validation metrics in TensorBoard's HPARAMS tab

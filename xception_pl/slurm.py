@@ -22,6 +22,9 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
+from torch.distributed import ReduceOp
+
+from xception_pl.callbacks import logs_this_step
 
 log = logging.getLogger(__name__)
 
@@ -116,39 +119,64 @@ def ignore_sigusr1_in_forked_children() -> None:
 
 
 class RequeueOnSignal(L.Callback):
-    """SIGUSR1 (sbatch --signal=SIGUSR1@90) -> at the next batch end, on every rank together: write
-    <root>/hpc_ckpt_N.ckpt and exit (Lightning flushes the loggers on the way out); at exit rank 0 runs
-    `scontrol requeue` (which kills the job's processes at once, so it comes last). The requeued job
-    resumes from that checkpoint (`--ckpt_path last`). Exiting, rather than `trainer.should_stop`, runs
-    nothing after the checkpoint: no validation of a partial epoch, no newer last.ckpt.
+    """A graceful stop: on SIGUSR1 (sbatch --signal=SIGUSR1@90) or SIGTERM (preemption under torchrun or
+    Kubernetes, scancel), at a batch end all ranks agree on, every rank together: write
+    <root>/hpc_ckpt_N.ckpt and exit (Lightning flushes the loggers on the way out). Under srun, SIGUSR1 also
+    requeues the job: rank 0 runs `scontrol requeue` at exit (it kills the job's processes at once, so it
+    comes last), and the job resumes from that checkpoint (`--ckpt_path last`). Exit status 0 after a
+    requeue, 128 + 15 after SIGTERM (the run did not finish; a scheduler that restarts failed jobs starts it
+    again, and `--ckpt_path last` resumes it).
 
-    Why not Lightning's own handler: it saves from inside the signal handler, wherever each rank was
-    interrupted, and saving runs a barrier: a rank interrupted before a collective (DDP's all-reduce, the
-    module's loss check) and one interrupted after it wait on different collectives for ever (seen on the
-    test cluster); and a checkpoint taken mid-step resumes one logging step ahead. Here the handler only
-    notes the signal; the ranks agree on it with one scalar all-reduce per step. Installed before
-    Lightning's (in `setup`), so Lightning keeps out of SIGUSR1.
+    The handlers only note the signal. With one process the note is read at every batch end (no device
+    read); with several, the ranks agree on it with one scalar all-reduce on logging steps only
+    (`trainer.log_every_n_steps`, else every 50 steps), so a steady-state step has no collective; the stop
+    comes at most that many steps after the signal. Lightning's own handling stays out of the way: its SIGUSR1
+    handler saves from inside the signal handler, wherever each rank was interrupted, and can deadlock DDP
+    (seen on the test cluster; installed here before Lightning's, in `setup`, so Lightning keeps out of
+    SIGUSR1), and its SIGTERM handling broadcasts a flag from rank 0 with a host read on every step (replaced
+    in `on_train_start`, after Lightning installs it). Exiting, rather than `trainer.should_stop`, runs nothing
+    after the checkpoint: no validation of a partial epoch, no newer last.ckpt.
     """
 
     def __init__(self) -> None:
-        self.signalled = False
-        self.active = False
+        self.signal: int | None = None
+        self.requeue = False  # SIGUSR1 under srun (not an interactive allocation)
+        self.trainer: L.Trainer | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
         env = os.environ
-        interactive = env.get("SLURM_JOB_NAME") in INTERACTIVE_JOB_NAMES
-        self.active = stage == "fit" and started_by_srun(env) and not interactive
-        if self.active:
-            signal.signal(signal.SIGUSR1, self.note_signal)
+        self.requeue = started_by_srun(env) and env.get("SLURM_JOB_NAME") not in INTERACTIVE_JOB_NAMES
+        self.trainer, self.signal = trainer, None
+        signal.signal(signal.SIGUSR1, self.note_signal)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        signal.signal(signal.SIGTERM, self.note_signal)
+        # Lightning's per-step broadcast of its own SIGTERM flag (a collective and a host read on every step);
+        # the flag is never set now that the handler above replaced Lightning's. See README "Seams".
+        trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = lambda: None
 
     def note_signal(self, signum: int, frame: object) -> None:
-        self.signalled = True
+        if self.signal is None and signum == signal.SIGTERM and self.trainer is not None:
+            launcher = self.trainer.strategy.launcher  # Lightning's own multi-process launcher: pass it on
+            if launcher is not None and hasattr(launcher, "kill"):
+                launcher.kill(signum)
+        self.signal = self.signal or signum
+
+    def agreed_signal(self, trainer: L.Trainer, pl_module: L.LightningModule) -> int | None:
+        if trainer.world_size == 1:
+            return self.signal
+        interval = trainer.log_every_n_steps or 50
+        if not (logs_this_step(trainer) if trainer.log_every_n_steps else trainer.global_step % interval == 0):
+            return None
+        # Agreed with the largest signal number noted on any rank: SIGTERM (15) wins over SIGUSR1 (10).
+        noted = torch.tensor(float(self.signal or 0), device=pl_module.device)
+        return int(trainer.strategy.reduce(noted, reduce_op=ReduceOp.MAX).item()) or None
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
-        if not self.active:
-            return
-        signalled = torch.tensor(float(self.signalled), device=pl_module.device)
-        if not trainer.strategy.reduce(signalled, reduce_op="sum").item():
+        signum = self.agreed_signal(trainer, pl_module)
+        if signum is None:
             return
         root = Path(trainer.default_root_dir)
         numbers = [int(m.group(1)) for p in root.glob("hpc_ckpt_*.ckpt") if (m := re.search(r"_(\d+)\.ckpt$", p.name))]
@@ -157,13 +185,17 @@ class RequeueOnSignal(L.Callback):
         # Lightning hands this step's logged values (train/loss ...) to the loggers after this hook; we exit
         # before, so push them now, else TensorBoard would miss the step.
         trainer._logger_connector.update_train_step_metrics()
+        name = signal.Signals(signum).name
+        requeue = self.requeue and signum == signal.SIGUSR1
         if trainer.is_global_zero:
-            print(f"SIGUSR1: saved {path}; exiting, the job is requeued at exit", flush=True)
-            atexit.register(requeue, path)
-        raise SystemExit(0)
+            then = "the job is requeued at exit" if requeue else "resume with --ckpt_path last"
+            print(f"{name}: saved {path}; exiting, {then}", flush=True)
+            if requeue:
+                atexit.register(requeue_job, path)
+        raise SystemExit(0 if requeue else 128 + signum)
 
 
-def requeue(checkpoint: Path) -> None:
+def requeue_job(checkpoint: Path) -> None:
     env = os.environ
     array = "SLURM_ARRAY_JOB_ID" in env  # a task of a job array is requeued as <array job>_<task>
     job = f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}" if array else env["SLURM_JOB_ID"]

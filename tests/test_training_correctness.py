@@ -1,0 +1,208 @@
+"""The paths a GPU user takes first, taken on CPU: fp16 through a GradScaler, a skipped non-finite batch,
+fp32 logits under bf16, the final checkpoint's raw weights, checkpoints that rebuild their model, the
+user's callbacks and loggers, and config edits on resume."""
+
+import copy
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.plugins import MixedPrecision
+from torch import nn
+
+from tests.crash import TinyNetwork
+from tests.helpers import tiny_data, tiny_module, tiny_trainer
+from tests.test_cli import write_config
+from xception_pl.cli import XceptionCLI, main
+from xception_pl.metrics import MeanAveragePrecisionAtK
+from xception_pl.model import Xception
+from xception_pl.module import XceptionModule
+
+fused_sgd = {"optimizer": lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9, fused=True)}
+
+
+def fp16_on_cpu() -> MixedPrecision:
+    return MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**8))
+
+
+class Recorder(L.Callback):
+    """Loss per batch; weights, BN statistics and the Polyak copy before and after each batch; an inf pixel
+    in the batches listed in `poison`."""
+
+    def __init__(self, poison: set[int] = frozenset()) -> None:
+        self.poison, self.losses, self.states = poison, [], {}
+
+    def snapshot(self, trainer, pl_module) -> dict[str, dict[str, torch.Tensor]]:
+        ema = trainer.callbacks and next((c for c in trainer.callbacks if hasattr(c, "_average_model")), None)
+        tensors = {"network": {k: v.clone() for k, v in pl_module.network.state_dict().items()}}
+        if ema is not None and ema._average_model is not None:
+            tensors["ema"] = {k: v.clone() for k, v in ema._average_model.module.network.state_dict().items()}
+        lr = trainer.optimizers[0].param_groups[0]["lr"]
+        return {**tensors, "lr": lr}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.states[f"before {batch_idx}"] = self.snapshot(trainer, pl_module)
+        if batch_idx in self.poison:
+            batch["image"][0, 0, 0, 0] = float("inf")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.states[f"after {batch_idx}"] = self.snapshot(trainer, pl_module)
+        self.losses.append(float(outputs["loss"]))
+
+
+def changed(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list[str]:
+    return [k for k in a if not torch.equal(a[k], b[k])]
+
+
+def test_fp16_mixed_precision_updates_the_weights_and_the_loss_falls(tmp_path):
+    data = tiny_data(train_size=8, num_classes=2, image_size=32)  # 2 batches an epoch, seen again and again
+    module, recorder = tiny_module(data, network=TinyNetwork, ema_decay=None, **fused_sgd), Recorder()
+    trainer = tiny_trainer(tmp_path, max_epochs=6, limit_val_batches=0, plugins=[fp16_on_cpu()], callbacks=[recorder])
+    trainer.fit(module, data)
+    weights = [k for k in recorder.states["before 0"]["network"] if "running" not in k and "num_batches" not in k]
+    moved = changed({k: recorder.states["before 0"]["network"][k] for k in weights},
+                    {k: recorder.states["after 0"]["network"][k] for k in weights})
+    assert len(moved) == len(weights)  # every parameter tensor moves in one step (it moved none before)
+    assert sum(recorder.losses[-4:]) < sum(recorder.losses[:4])
+
+
+def test_with_accumulation_every_micro_batch_loss_is_checked(tmp_path):
+    data = tiny_data(image_size=32)
+    module, recorder = tiny_module(data, network=TinyNetwork, ema_decay=None, nonfinite_loss="skip", **fused_sgd), Recorder(poison={0})
+    trainer = tiny_trainer(tmp_path, accumulate_grad_batches=2, limit_val_batches=0, plugins=[fp16_on_cpu()],
+                           callbacks=[recorder])
+    trainer.fit(module, data)
+    # micro-batch 0 (not the last of its step) was bad: the whole first step changed nothing
+    assert not changed(recorder.states["before 0"]["network"], recorder.states["after 1"]["network"])
+    assert changed(recorder.states["before 2"]["network"], recorder.states["after 3"]["network"])
+    assert trainer.callback_metrics["train/skipped_nonfinite"] == 1
+
+
+@pytest.mark.parametrize("optimizer", [
+    pytest.param(lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9, fused=True), id="fused-sgd"),
+    pytest.param(lambda params: __import__("xception_pl.optim").optim.RMSpropTF(params, lr=0.01, momentum=0.9, eps=1.0),
+                 id="rmsprop-tf"),
+])
+def test_a_skipped_batch_leaves_no_trace(tmp_path, optimizer):
+    data = tiny_data(image_size=32)
+    module, recorder = tiny_module(data, network=TinyNetwork, ema_decay=0.5, nonfinite_loss="skip", optimizer=optimizer), Recorder({1})
+    trainer = tiny_trainer(tmp_path, limit_val_batches=0, callbacks=[recorder])
+    trainer.fit(module, data)
+    before, after = recorder.states["before 1"], recorder.states["after 1"]
+    # weights, BatchNorm statistics (and their counter), the Polyak copy, the lr: untouched by batch 1
+    assert not changed(before["network"], after["network"]) and not changed(before["ema"], after["ema"])
+    assert before["lr"] == after["lr"]
+    assert changed(recorder.states["before 2"]["network"], recorder.states["after 2"]["network"])  # goes on
+    ema = next(c for c in trainer.callbacks if hasattr(c, "_average_model"))._average_model.module
+    for model in (module, ema):
+        assert all(torch.isfinite(t).all() for t in (*model.parameters(), *model.buffers()) if t.is_floating_point())
+    assert trainer.callback_metrics["train/skipped_nonfinite"] == 1
+    # the schedule counted the 3 good steps only (global batch 4): exact once read
+    scheduler = trainer.lr_scheduler_configs[0].scheduler
+    assert scheduler.samples_seen - scheduler.state_dict()["samples_skipped"] == 3 * 4
+
+
+def test_bf16_autocast_and_fp32_give_the_same_map100():
+    torch.manual_seed(0)
+    network = Xception(num_classes=50)
+    features = torch.randn(3000, 2048, 1, 1)  # what the exit flow hands the head, 3,000 images
+    target = (torch.rand(3000, 50) < 0.1).float()
+
+    def map100(head: nn.Module, autocast: bool) -> float:
+        metric = MeanAveragePrecisionAtK(50, 100)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits = head(features)
+        metric.update(logits.float(), target)
+        return float(metric.compute())
+
+    head = network.forward_head
+    assert map100(head, autocast=True) == pytest.approx(map100(head, autocast=False), abs=1e-4)
+    plain = copy.deepcopy(network.head)  # the same weights in a bf16 classifier: ties move MAP@100
+    plain.fc = nn.Linear(2048, 50)
+    plain.fc.load_state_dict(network.head.fc.state_dict())
+    assert abs(map100(plain, autocast=True) - map100(plain, autocast=False)) > 1e-4
+
+
+def test_the_final_checkpoint_keeps_the_raw_weights_and_a_resume_continues_from_them(tmp_path):
+    data = tiny_data(image_size=32)
+    raw = {}
+
+    class Last(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            raw["end"] = pl_module.network.fc.weight.detach().clone()
+
+        def on_train_start(self, trainer, pl_module):
+            raw["start"] = pl_module.network.fc.weight.detach().clone()
+
+    # max_steps ends the run in the middle of an epoch, away from any validation (as the JFT recipe always does)
+    tiny_trainer(tmp_path, max_steps=3, limit_val_batches=0, callbacks=[Last()]).fit(tiny_module(data, network=TinyNetwork), data)
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    torch.testing.assert_close(checkpoint["current_model_state"]["network.fc.weight"], raw["end"], rtol=0, atol=0)
+    assert not torch.equal(checkpoint["state_dict"]["network.fc.weight"], raw["end"])  # the average
+    trained = raw["end"]
+    tiny_trainer(tmp_path, max_steps=4, max_epochs=2, limit_val_batches=0, callbacks=[Last()]).fit(
+        tiny_module(data, network=TinyNetwork), data, ckpt_path=tmp_path / "checkpoints" / "last.ckpt")
+    torch.testing.assert_close(raw["start"], trained, rtol=0, atol=0)
+    assert not torch.equal(raw["end"], trained)  # and trained on from there
+
+
+@pytest.mark.parametrize("network", [
+    {"class_path": "xception_pl.Xception", "init_args": {"fc_layers": [16], "drop_rate": 0.2}},
+    {"class_path": "xception_pl.inception.InceptionV3", "init_args": {"drop_rate": 0.3}},
+], ids=["xception-fc", "inception-v3"])
+def test_a_checkpoint_rebuilds_its_network_optimizer_and_schedule_without_arguments(tmp_path, network):
+    run = tmp_path / "run"
+    config = write_config(tmp_path / "c.yaml", run, network=network)
+    main(["fit", "--config", str(config), "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0",
+          "--data.init_args.image_size", "75"])  # Inception V3's smallest input
+    module = XceptionModule.load_from_checkpoint(run / "checkpoints" / "last.ckpt")
+    assert type(module.network).__name__ == network["class_path"].rsplit(".", 1)[1]
+    saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert {k.removeprefix("network.") for k in saved["state_dict"]} == set(module.network.state_dict())
+    optimizer = module.optimizer(module.parameters())
+    assert type(optimizer) is torch.optim.SGD and optimizer.defaults["lr"] == 0.01
+    assert module.lr_scheduler(optimizer).decay_rate == 0.5
+
+
+def test_a_users_callbacks_win_over_ours(tmp_path, caplog):
+    caplog.set_level("INFO")
+    run = tmp_path / "run"
+    config = write_config(tmp_path / "c.yaml", run)
+    import yaml
+
+    content = yaml.safe_load(config.read_text())
+    content["trainer"]["callbacks"] = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                                        "init_args": {"dirpath": str(tmp_path / "mine"), "monitor": "train/loss"}}]
+    config.write_text(yaml.safe_dump(content))
+    cli = XceptionCLI(args=["--config", str(config), "--trainer.callbacks+=lightning.pytorch.callbacks.EMAWeightAveraging"],
+                      run=False)
+    kinds = [type(c).__name__ for c in cli.trainer.callbacks]
+    assert kinds.count("ModelCheckpoint") == 1 and "EMAWeightAveraging" in kinds and "PolyakAveraging" not in kinds
+    mine = next(c for c in cli.trainer.callbacks if type(c).__name__ == "ModelCheckpoint")
+    assert mine.dirpath == str(tmp_path / "mine")
+    assert "LastCheckpoint" in kinds and "ImagesPerSecond" in kinds  # ours fill in what they did not set
+    assert "best-k checkpoints: using ModelCheckpoint" in caplog.text
+    assert "Polyak averaging: using EMAWeightAveraging" in caplog.text
+
+
+def test_fit_ends_cleanly_with_a_logger_other_than_tensorboard(tmp_path):
+    data = tiny_data(image_size=32)
+    trainer = tiny_trainer(tmp_path, max_steps=2, logger=CSVLogger(tmp_path, name="csv"))
+    trainer.fit(tiny_module(data, network=TinyNetwork), data)
+    assert (tmp_path / "csv" / "version_0" / "hparams.yaml").is_file()
+
+
+def test_on_resume_the_configs_optimizer_and_schedule_win_and_the_change_is_said(tmp_path, capsys, caplog):
+    run = tmp_path / "run"
+    main(["fit", "--config", str(write_config(tmp_path / "c.yaml", run)), "--trainer.max_steps", "2"])
+    main(["fit", "--config", str(write_config(tmp_path / "c.yaml", run)), "--ckpt_path", "last",
+          "--trainer.max_steps", "3", "--trainer.max_epochs", "2", "--model.optimizer.init_args.momentum", "0.5",
+          "--model.optimizer.init_args.lr", "0.02", "--model.lr_scheduler.init_args.decay_rate", "0.25"])
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    groups = checkpoint["optimizer_states"][0]["param_groups"]
+    assert all(g["momentum"] == 0.5 for g in groups)
+    # 3 steps x 4 samples = 12 samples: one decay at 12 (decay_every_samples), at the config's new rate and lr
+    assert groups[0]["lr"] == pytest.approx(0.02 * 0.25)
+    said = capsys.readouterr().err + caplog.text
+    assert "momentum=0.5 (checkpoint: 0.9)" in said and "decay_rate=0.25 (checkpoint: 0.5)" in said
