@@ -15,11 +15,9 @@ from lightning.pytorch.trainer.states import TrainerFn
 
 from xception_pl.data import transforms
 from xception_pl.slurm import ignore_sigusr1_in_worker
-from xception_pl.data.pipeline import EpochLoader, EpochSeed, carry_skips, eval_pipeline, train_pipeline
+from xception_pl.data.pipeline import EpochLoader, EpochSeed, carry_skips, eval_pipeline, rank_shards, train_pipeline
 from xception_pl.data.samples import DecodeSamples, SkipCounter
-from xception_pl.data.sources import SHARDS_COMMAND, ShardSet, dataset_facts, resolve
-
-SPLITS_OF_STAGE = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
+from xception_pl.data.sources import ShardSet, dataset_facts, resolve
 
 
 class WebDatasetDataModule(L.LightningDataModule):
@@ -34,8 +32,10 @@ class WebDatasetDataModule(L.LightningDataModule):
 
     Training draws shards with replacement and shuffles samples before decoding; every rank gets
     train_size // (batch_size * world_size) full batches per epoch, so DDP never waits on a rank.
-    Validation, test and predict read shard i on (rank, worker) slot i % (world_size * num_workers):
-    every sample exactly once, no padding; the last batch of a worker may be short.
+    Validation, test and predict give shard i to rank i % world_size, and a rank's shards round-robin
+    to its workers: every sample exactly once, no padding; the last batch of a worker may be short.
+    Any shard count works: a rank starts at most as many workers as it has shards, and a rank without
+    a shard gets an empty loader.
 
     Resume: the training stream of an epoch is a function of (seed, epoch, rank, worker), and
     `state_dict()` holds {"seed", "epoch", "batch"}: the position of the next training batch, read from
@@ -61,7 +61,8 @@ class WebDatasetDataModule(L.LightningDataModule):
         num_classes: number of classes; default: from the manifest (required without one).
         multilabel: `<key>.json` label lists (JFT) instead of `<key>.cls`; default: from the manifest.
         batch_size: samples per batch, per device.
-        num_workers: DataLoader worker processes per device (0: load in the main process).
+        num_workers: DataLoader worker processes per device (0: load in the main process); evaluation
+            starts at most one per shard of the rank.
         image_size: side of the square crops fed to the network (299 in the paper).
         eval_resize: evaluation resizes the shorter side to this, then centre-crops image_size (ours).
         shuffle_buffer: raw training samples each worker shuffles in memory (ours; at most train_size).
@@ -125,8 +126,6 @@ class WebDatasetDataModule(L.LightningDataModule):
         self.seed, self.epoch, self.passes = seed, 0, 0
         self.resume_batch: int | None = None  # set by load_state_dict, used by the next pass
         self.rank, self.world_size = 0, 1
-        for name in self.shards.keys() - {"train"}:
-            self.check_readers(name)
 
     def setup(self, stage: str) -> None:
         if self.trainer is not None:
@@ -139,11 +138,8 @@ class WebDatasetDataModule(L.LightningDataModule):
         device = self.trainer.strategy.root_device if self.trainer is not None else None
         if self.decode_device == "cuda" and device is not None and device.type != "cuda":
             raise ValueError("decode_device='cuda' needs a CUDA trainer; set decode_device=cpu")
-        for name in SPLITS_OF_STAGE.get(stage, ()):
-            if name == "train":
-                self.batches_per_rank()
-            elif name in self.shards:
-                self.check_readers(name)
+        if stage == "fit":
+            self.batches_per_rank()
 
     def split(self, name: str) -> ShardSet:
         if name not in self.shards:
@@ -157,29 +153,17 @@ class WebDatasetDataModule(L.LightningDataModule):
                              f"{self.world_size} devices): lower batch_size or use more data")
         return batches
 
-    def check_readers(self, name: str) -> None:
-        """Each sample exactly once means whole shards per (rank, worker): at least one shard each."""
-        shards = self.split(name)
-        readers = self.world_size * max(1, self.num_workers)
-        if len(shards.urls) < readers:
-            most = len(shards.urls) // self.world_size
-            fix = f"set num_workers <= {most}, or " if most else ""
-            per_shard = f" --shard_size {max(1, shards.size // readers)}" if shards.size else " --shard_size <smaller>"
-            raise ValueError(
-                f"{name} has {len(shards.urls)} shards but {self.world_size} ranks x {max(1, self.num_workers)} workers"
-                f" = {readers} readers, each needing a whole shard: {fix}rewrite the shards smaller with "
-                f"`{SHARDS_COMMAND}{per_shard}`")
-
     def decoder(self, name: str) -> DecodeSamples:
         transform = self.train_transform if name == "train" else self.eval_transform
         return DecodeSamples(SkipCounter(name), self.num_classes, self.multilabel,
                              None if self.decode_device == "cuda" else transform, self.max_image_pixels,
                              labels_required=name != "predict")
 
-    def loader_args(self) -> dict[str, Any]:
-        args: dict[str, Any] = {"num_workers": self.num_workers,
+    def loader_args(self, num_workers: int | None = None) -> dict[str, Any]:
+        num_workers = self.num_workers if num_workers is None else num_workers
+        args: dict[str, Any] = {"num_workers": num_workers,
                                 "pin_memory": self.pin_memory and torch.cuda.is_available()}
-        if self.num_workers > 0:
+        if num_workers > 0:
             args.update(persistent_workers=self.persistent_workers, prefetch_factor=self.prefetch_factor,
                         multiprocessing_context=self.multiprocessing_context,
                         worker_init_fn=ignore_sigusr1_in_worker)  # SLURM's SIGUSR1 is for the trainer
@@ -207,10 +191,12 @@ class WebDatasetDataModule(L.LightningDataModule):
         return EpochLoader(pipeline, seeds, self.next_pass, self.batches_per_rank(), **self.loader_args())
 
     def eval_dataloader(self, name: str) -> wds.WebLoader:
-        self.check_readers(name)
-        pipeline = eval_pipeline(self.split(name).urls, self.rank, self.world_size, self.decoder(name),
+        urls = self.split(name).urls
+        pipeline = eval_pipeline(urls, self.rank, self.world_size, self.decoder(name),
                                  self.batch_size, encoded=self.decode_device == "cuda")
-        return wds.WebLoader(pipeline, batch_size=None, **self.loader_args()).compose(carry_skips)
+        # A worker reads whole shards, so more workers than this rank's shards would sit idle (ours).
+        workers = min(self.num_workers, len(rank_shards(urls, self.rank, self.world_size)))
+        return wds.WebLoader(pipeline, batch_size=None, **self.loader_args(workers)).compose(carry_skips)
 
     def val_dataloader(self) -> wds.WebLoader:
         return self.eval_dataloader("val")
