@@ -15,6 +15,8 @@ from lightning.pytorch.trainer.states import TrainerFn
 
 from xception_pl.data import transforms
 from xception_pl.slurm import ignore_sigusr1_in_worker
+from xception_pl.data.batch_crop import PerImage, RandomResizedCropFlip, ResizeCenterCrop
+from xception_pl.data.device_decode import BatchTransform, DecodeOnDevice
 from xception_pl.data.pipeline import EpochLoader, EpochSeed, carry_skips, eval_pipeline, rank_shards, train_pipeline
 from xception_pl.data.samples import DecodeSamples, SkipCounter
 from xception_pl.data.sources import ShardSet, dataset_facts, resolve
@@ -26,9 +28,11 @@ class WebDatasetDataModule(L.LightningDataModule):
     "image": float [B, 3, S, S] in [-1, 1] (x / 127.5 - 1, the paper's Keras preprocessing);
     "target": long [B] class ids, or float [B, num_classes] multi-hot when multilabel;
     "skipped": long [len(SKIP_REASONS)], samples this worker dropped since its previous batch, per
-    reason; "key": the sample keys. Workers ship uint8 images (JPEG bytes with decode_device="cuda")
-    and `on_after_batch_transfer` scales (and decodes) them on the device: a batch read from a
-    loader directly, outside a Trainer, holds uint8 images until passed through that hook.
+    reason; "key": the sample keys. Workers ship uint8 images and `on_after_batch_transfer` scales
+    them on the device: a batch read from a loader directly, outside a Trainer, holds uint8 images
+    until passed through that hook. With decode_device="cuda" workers ship each batch's JPEG bytes
+    packed in one tensor, and the loader decodes and crops them on the trainer's device (outside a
+    Trainer: the current CUDA device, else the CPU, by the same code), one batch ahead.
 
     Training draws shards with replacement and shuffles samples before decoding; every rank gets
     train_size // (batch_size * world_size) full batches per epoch, so DDP never waits on a rank.
@@ -67,7 +71,7 @@ class WebDatasetDataModule(L.LightningDataModule):
         eval_resize: evaluation resizes the shorter side to this, then centre-crops image_size (ours).
         shuffle_buffer: raw training samples each worker shuffles in memory (ours; at most train_size).
         decode_device: "cpu": workers decode and augment; "cuda": workers send JPEG bytes and the
-            GPU decodes (nvjpeg) and augments after the transfer.
+            GPU decodes (nvjpeg) and crops them, the default transforms batched (data/batch_crop.py).
         max_image_pixels: larger images are skipped ("too_large") from their header, never decoded.
         train_transform: uint8 [3, H, W] -> [3, S, S] training augmentation; default
             RandomResizedCrop(image_size) + RandomHorizontalFlip.
@@ -121,6 +125,9 @@ class WebDatasetDataModule(L.LightningDataModule):
         self.decode_device, self.max_image_pixels = decode_device, max_image_pixels
         self.train_transform = train_transform or transforms.train_transform(image_size)
         self.eval_transform = eval_transform or transforms.eval_transform(image_size, eval_resize)
+        self.batch_transforms: dict[bool, BatchTransform] = {  # decode_device="cuda", by training or not
+            True: PerImage(train_transform) if train_transform else RandomResizedCropFlip(image_size),
+            False: PerImage(eval_transform) if eval_transform else ResizeCenterCrop(image_size, eval_resize)}
         self.pin_memory, self.persistent_workers = pin_memory, persistent_workers
         self.prefetch_factor, self.multiprocessing_context = prefetch_factor, multiprocessing_context
         self.seed, self.epoch, self.passes = seed, 0, 0
@@ -161,8 +168,8 @@ class WebDatasetDataModule(L.LightningDataModule):
 
     def loader_args(self, num_workers: int | None = None) -> dict[str, Any]:
         num_workers = self.num_workers if num_workers is None else num_workers
-        args: dict[str, Any] = {"num_workers": num_workers,
-                                "pin_memory": self.pin_memory and torch.cuda.is_available()}
+        pin = self.pin_memory and torch.cuda.is_available() and self.decode_device == "cpu"  # JPEG bytes: nvjpeg copies
+        args: dict[str, Any] = {"num_workers": num_workers, "pin_memory": pin}
         if num_workers > 0:
             args.update(persistent_workers=self.persistent_workers, prefetch_factor=self.prefetch_factor,
                         multiprocessing_context=self.multiprocessing_context,
@@ -188,7 +195,8 @@ class WebDatasetDataModule(L.LightningDataModule):
         shuffle_buffer = min(self.shuffle_buffer, shards.size)  # no point holding more than the data set
         pipeline = train_pipeline(shards.urls, seeds, self.decoder("train"), self.batch_size, shuffle_buffer,
                                   encoded=self.decode_device == "cuda")
-        return EpochLoader(pipeline, seeds, self.next_pass, self.batches_per_rank(), **self.loader_args())
+        loader = EpochLoader(pipeline, seeds, self.next_pass, self.batches_per_rank(), **self.loader_args())
+        return loader.compose(*self.device_decode(training=True), carry_skips)
 
     def eval_dataloader(self, name: str) -> wds.WebLoader:
         urls = self.split(name).urls
@@ -196,7 +204,19 @@ class WebDatasetDataModule(L.LightningDataModule):
                                  self.batch_size, encoded=self.decode_device == "cuda")
         # A worker reads whole shards, so more workers than this rank's shards would sit idle (ours).
         workers = min(self.num_workers, len(rank_shards(urls, self.rank, self.world_size)))
-        return wds.WebLoader(pipeline, batch_size=None, **self.loader_args(workers)).compose(carry_skips)
+        loader = wds.WebLoader(pipeline, batch_size=None, **self.loader_args(workers))
+        return loader.compose(*self.device_decode(training=False), carry_skips)
+
+    def device_decode(self, training: bool) -> list[DecodeOnDevice]:
+        """decode_device="cuda": the main-process stage that decodes and crops on the device (a batch it
+        leaves empty, all corrupt, carry_skips then drops, keeping its count)."""
+        if self.decode_device != "cuda":
+            return []
+        if self.trainer is not None:
+            device = self.trainer.strategy.root_device
+        else:
+            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        return [DecodeOnDevice(self.batch_transforms[training], device)]
 
     def val_dataloader(self) -> wds.WebLoader:
         return self.eval_dataloader("val")
@@ -207,18 +227,7 @@ class WebDatasetDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> wds.WebLoader:
         return self.eval_dataloader("predict")
 
-    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        encoded = batch.pop("image") if isinstance(batch.get("image"), list) else None
-        batch = super().transfer_batch_to_device(batch, device, dataloader_idx)
-        if encoded is not None:  # decode_jpeg(device="cuda") reads CPU tensors
-            batch["image"] = encoded
-        return batch
-
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        if isinstance(batch["image"], list):
-            training = self.trainer is not None and self.trainer.training
-            transform = self.train_transform if training else self.eval_transform
-            batch = transforms.decode_on_device(batch, transform, batch["target"].device)
         batch["image"] = transforms.to_model_input(batch["image"])
         return batch
 

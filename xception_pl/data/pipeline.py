@@ -131,7 +131,8 @@ def eval_pipeline(urls: list[str], rank: int, world_size: int, decoder: DecodeSa
 def flush_skips(batches: Iterator[dict[str, Any]], counter: SkipCounter) -> Iterator[dict[str, Any]]:
     yield from batches
     if any(counter.counts):  # e.g. a worker whose only shard was unreadable: its count must not vanish
-        yield {"image": [], "target": torch.empty(0), "skipped": counter.take(), "key": []}
+        yield {"image": torch.empty(0, 3, 0, 0, dtype=torch.uint8), "target": torch.empty(0), "skipped": counter.take(),
+               "key": []}
 
 
 def carry_skips(batches: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
