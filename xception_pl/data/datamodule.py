@@ -74,10 +74,13 @@ class WebDatasetDataModule(L.LightningDataModule):
             GPU decodes (nvjpeg) and crops them, the default transforms batched (data/batch_crop.py).
         max_image_pixels: larger images are skipped ("too_large") from their header, never decoded.
         train_transform: uint8 [3, H, W] -> [3, S, S] training augmentation; default
-            RandomResizedCrop(image_size) + RandomHorizontalFlip.
-        eval_transform: uint8 [3, H, W] -> [3, S, S]; default Resize(eval_resize) + CenterCrop(image_size).
+            RandomResizedCrop(image_size) + RandomHorizontalFlip (batched with decode_device="cuda";
+            a custom one runs image by image there).
+        eval_transform: uint8 [3, H, W] -> [3, S, S]; default Resize(eval_resize) + CenterCrop(image_size)
+            (batched with decode_device="cuda", as train_transform).
         seed: seed of the training stream (shard draws, shuffle, augmentation).
-        pin_memory: page-locked batches (only when CUDA is available).
+        pin_memory: page-locked batches (only when CUDA is available; never the JPEG bytes of
+            decode_device="cuda", which nvjpeg copies itself).
         persistent_workers: keep workers alive between epochs (when num_workers > 0).
         prefetch_factor: batches each worker loads ahead (None: PyTorch's default, 2).
         multiprocessing_context: start method of the workers (None: PyTorch's default).
