@@ -163,3 +163,16 @@ def test_gpu_training_batches_decode_ahead_on_a_side_stream_and_skip_corrupt_ima
     cpu = ResizeCenterCrop(24, 28)([smooth_image(h, w, s) for s, (h, w) in enumerate(IMAGES)])
     gpu = ResizeCenterCrop(24, 28)([smooth_image(h, w, s).cuda() for s, (h, w) in enumerate(IMAGES)])
     assert (gpu.cpu().int() - cpu.int()).abs().max() <= 1  # the same kernels' arithmetic on both devices
+
+
+@pytest.mark.cuda
+def test_lightning_fits_and_validates_with_gpu_decode(tmp_path):
+    from tests.helpers import tiny_module, tiny_trainer
+
+    datamodule(tmp_path)
+    add_shard(tmp_path / "train", "bad-0.tar", [{"__key__": f"bad{i}", "jpg": bomb_jpeg(40, 32), "cls": b"0"}
+                                                for i in range(4)])
+    dm = datamodule(tmp_path, image_size=71, eval_resize=80)  # 12 good + 4 corrupt samples, batches of 4
+    trainer = tiny_trainer(tmp_path / "run", accelerator="gpu", max_steps=4)
+    trainer.fit(tiny_module(dm), datamodule=dm)
+    assert trainer.global_step == 4 and "val/acc1" in trainer.callback_metrics
