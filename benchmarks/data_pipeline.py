@@ -208,9 +208,10 @@ def main() -> None:
                      else transfer_table(Path(tmp) / "shards", args.batches))
             print("\n".join(table))
             if args.results:
+                option = f"--device {args.device}" if args.device else "--transfer"
                 write_results(f"{args.images} JPEGs, 500x375 px, {kb:.0f} KB mean; batches of 32.", table,
                               "Packed JPEG batches (decode_device: cuda)",
-                              f"`PYTHONPATH=. python benchmarks/data_pipeline.py {'--device ' + args.device if args.device else '--transfer'} --results`")
+                              f"`PYTHONPATH=. python benchmarks/data_pipeline.py {option} --results`")
             return
         rows = [("PIL + torchvision loop", "-", pil_baseline(paths)),
                 ("bare decode + augment loop", "-", bare_baseline(paths)),
@@ -224,7 +225,8 @@ def main() -> None:
               for name, workers, (wall, cpu) in rows]
     print("\n".join(lines))
     if args.results:
-        write_results(lines[0], lines[2:], "Data pipeline", "`PYTHONPATH=. python benchmarks/data_pipeline.py --results`")
+        write_results(lines[0], lines[2:], "Data pipeline",
+                      "`PYTHONPATH=. python benchmarks/data_pipeline.py --results`")
 
 
 def write_results(summary: str, table: list[str], title: str, command: str) -> None:

@@ -134,6 +134,17 @@ def test_an_all_corrupt_batch_is_skipped_and_counted(tmp_path):
     assert sum(len(b["key"]) for b in batches) == 13 and sum(int(b["skipped"].sum()) for b in batches) == 3
 
 
+def test_a_png_sample_travels_re_encoded_as_jpeg_and_decodes(tmp_path):
+    datamodule(tmp_path)
+    png = {"__key__": "drawing", "png": jpeg(fmt="PNG"), "cls": b"2"}
+    add_shard(tmp_path / "train", "png-0.tar", [png], position=0)
+    dm = datamodule(tmp_path, batch_size=1)
+    raw = next(iter(dm.val_dataloader().pipeline[0]))
+    assert raw["key"] == ["drawing"] and bytes(raw["jpeg"][:2].numpy()) == b"\xff\xd8"  # a JPEG now
+    batch = next(iter(dm.val_dataloader()))
+    assert batch["key"] == ["drawing"] and batch["image"].shape == (1, 3, 24, 24) and batch["skipped"].sum() == 0
+
+
 @pytest.mark.cuda
 def test_gpu_decode_matches_the_cpu_batch_format(tmp_path):
     gpu = datamodule(tmp_path, batch_size=6)

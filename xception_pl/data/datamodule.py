@@ -217,8 +217,10 @@ class WebDatasetDataModule(L.LightningDataModule):
             return []
         if self.trainer is not None:
             device = self.trainer.strategy.root_device
-        else:
-            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        elif torch.cuda.is_available():
+            device = torch.device("cuda", torch.cuda.current_device())
+        else:  # the same code on the CPU, as the tests run it
+            device = torch.device("cpu")
         return [DecodeOnDevice(self.batch_transforms[training], device)]
 
     def val_dataloader(self) -> wds.WebLoader:

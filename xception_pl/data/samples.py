@@ -204,7 +204,7 @@ class Collate:
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         images = [s["image"] for s in samples]
-        batch = {  # default_collate stacks straight into shared memory in a worker: no copy on the way out
+        batch = {
             "target": default_collate([s["target"] for s in samples]),
             "skipped": self.counter.take(),
             "key": [s["key"] for s in samples],
@@ -212,5 +212,5 @@ class Collate:
         if self.encoded:
             batch["jpeg"], batch["jpeg_offsets"] = pack(images)
         else:
-            batch["image"] = default_collate(images)
+            batch["image"] = default_collate(images)  # stacked straight into shared memory in a worker
         return batch
