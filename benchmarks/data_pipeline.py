@@ -16,6 +16,18 @@ CPU time (this process + its DataLoader workers, from /proc) is counted besides 
 machine the wall clock also measures the neighbours. Overhead per core = 1 - (images per CPU second)
 / (bare + stack images per CPU second).
 Prints a table; --results appends it to benchmarks/RESULTS.md.
+
+    PYTHONPATH=. python benchmarks/data_pipeline.py --transfer [--results]
+
+decode_device="cuda" transfer: 2 workers read the same shards and ship each batch of 32 JPEGs to
+the main process, either packed in one uint8 tensor + offsets (what the data module does) or as 32
+separate tensors (what it did before), alternating, twice each; images/s and the main process's CPU
+seconds per 1000 images (receiving: a shared-memory segment and a socket round trip per tensor).
+
+    PYTHONPATH=. python benchmarks/data_pipeline.py --device cuda
+
+decode + RandomResizedCrop(299) + flip on the GPU from packed batches held in memory: the batched
+crop (one roi_align per batch) against the default torchvision transform image by image.
 """
 
 from __future__ import annotations
@@ -33,8 +45,12 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
+import webdataset as wds
+
 from xception_pl.data import WebDatasetDataModule, write_shards
-from xception_pl.data.samples import decode
+from xception_pl.data.batch_crop import PerImage, RandomResizedCropFlip
+from xception_pl.data.device_decode import DecodeOnDevice
+from xception_pl.data.samples import decode, pack
 from xception_pl.data.transforms import train_transform
 
 
@@ -106,11 +122,80 @@ def pipeline(shards: Path, workers: int, batches: int) -> tuple[float, float]:
     return n / (time.perf_counter() - start), n / (time.process_time() + worker_cpu_seconds(pids) - cpu)
 
 
+def per_image_collate(samples: list[dict]) -> dict:
+    """The pre-packing worker output: one tensor per JPEG."""
+    return {"jpeg": [torch.frombuffer(bytearray(s["image"]), dtype=torch.uint8) for s in samples],
+            "target": torch.tensor([s["target"] for s in samples]), "key": [s["key"] for s in samples]}
+
+
+def transfer(shards: Path, packed: bool, batches: int) -> tuple[float, float]:
+    """(images/s, main-process CPU seconds per 1000 images) of 2 workers shipping undecoded batches of 32."""
+    dm = WebDatasetDataModule(train=str(shards), train_size=10**7, batch_size=32, num_workers=2,
+                              decode_device="cuda", shuffle_buffer=500)
+    dm.setup("fit")
+    loader = dm.train_dataloader().pipeline[0]  # the DataLoader: worker output, before the device decode
+    if not packed:
+        loader.dataset.pipeline[-1] = wds.batched(32, partial=False, collation_fn=per_image_collate)
+    it = iter(loader)
+    for _ in range(3):  # warm-up: worker start, shuffle buffer fill
+        next(it)
+    start, cpu = time.perf_counter(), time.process_time()
+    n = sum(len(next(it)["key"]) for _ in range(batches))
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    del it
+    return n / wall, 1000 * cpu / n
+
+
+def transfer_table(shards: Path, batches: int) -> list[str]:
+    lines = ["| worker output | run | images/s (wall) | main-process CPU s per 1000 images |", "|---|---:|---:|---:|"]
+    for run in (1, 2):
+        for packed in (True, False):
+            wall, cpu = transfer(shards, packed, batches)
+            name = "packed: 1 uint8 tensor + offsets" if packed else "32 tensors, one per JPEG"
+            lines.append(f"| {name} | {run} | {wall:.0f} | {cpu:.3f} |")
+    return lines
+
+
+def device_rate(paths: list[Path], device: torch.device, batched: bool, batches: int) -> tuple[float, float]:
+    """(images/s, main-process CPU seconds per 1000 images) of decode + crop on `device`, batches of 32."""
+    packed = [pack([p.read_bytes() for p in paths[i:i + 32]]) for i in range(0, len(paths) - 31, 32)]
+    stage = DecodeOnDevice(RandomResizedCropFlip(299) if batched else PerImage(train_transform(299)), device)
+
+    def stream(count: int):
+        for i in range(count):
+            data, offsets = packed[i % len(packed)]
+            yield {"jpeg": data, "jpeg_offsets": offsets, "target": torch.zeros(32, dtype=torch.long),
+                   "skipped": torch.zeros(5, dtype=torch.long), "key": [""] * 32}
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda device: None
+    for _ in stage(stream(3)):  # warm-up: nvjpeg and kernel initialisation
+        pass
+    sync(device)
+    start, cpu = time.perf_counter(), time.process_time()
+    n = sum(len(batch["key"]) for batch in stage(stream(batches)))
+    sync(device)
+    return n / (time.perf_counter() - start), 1000 * (time.process_time() - cpu) / n
+
+
+def device_table(paths: list[Path], device: torch.device, batches: int) -> list[str]:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "the CPU"
+    lines = [f"| decode + crop on {name} | run | images/s | main-process CPU s per "
+             "1000 images |", "|---|---:|---:|---:|"]
+    for run in (1, 2):
+        for batched in (True, False):
+            wall, cpu = device_rate(paths, device, batched, batches)
+            what = "batched crop (roi_align)" if batched else "torchvision transform per image"
+            lines.append(f"| decode + {what} | {run} | {wall:.0f} | {cpu:.3f} |")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=500)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--batches", type=int, default=100)
+    parser.add_argument("--transfer", action="store_true", help="only the packed vs per-image transfer")
+    parser.add_argument("--device", help="only decode + crop on this device (cuda)")
     parser.add_argument("--results", action="store_true", help="append the table to benchmarks/RESULTS.md")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -118,6 +203,16 @@ def main() -> None:
         paths = make_images(Path(tmp) / "images", args.images)
         kb = np.mean([p.stat().st_size for p in paths]) / 1e3
         write_shards(str(Path(tmp) / "images"), str(Path(tmp) / "shards"), shard_size=50, workers=1, progress=False)
+        if args.transfer or args.device:
+            table = (device_table(paths, torch.device(args.device), args.batches) if args.device
+                     else transfer_table(Path(tmp) / "shards", args.batches))
+            print("\n".join(table))
+            if args.results:
+                option = f"--device {args.device}" if args.device else "--transfer"
+                write_results(f"{args.images} JPEGs, 500x375 px, {kb:.0f} KB mean; batches of 32.", table,
+                              "Packed JPEG batches (decode_device: cuda)",
+                              f"`PYTHONPATH=. python benchmarks/data_pipeline.py {option} --results`")
+            return
         rows = [("PIL + torchvision loop", "-", pil_baseline(paths)),
                 ("bare decode + augment loop", "-", bare_baseline(paths)),
                 ("bare decode + augment + stack 32 loop", "-", bare := bare_batched_baseline(paths))]
@@ -130,18 +225,23 @@ def main() -> None:
               for name, workers, (wall, cpu) in rows]
     print("\n".join(lines))
     if args.results:
-        cpu = subprocess.run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"], capture_output=True,
-                             text=True).stdout.strip() or platform.processor()
-        load = open("/proc/loadavg").read().split()[0]
-        date = subprocess.run(["date"], capture_output=True, text=True).stdout.strip()
-        cores = len(os.sched_getaffinity(0))
-        header = ["\n## Data pipeline\n",
-                  f"`PYTHONPATH=. python benchmarks/data_pipeline.py --results`, run of {date}: the training "
-                  "loader of WebDatasetDataModule against plain loops (see the script's docstring). "
-                  f"Device: {cpu}, {cores} cores shared with other jobs (load average {load} at the end), "
-                  f"1 torch thread per process, CPU only; torch {torch.__version__}.", ""]
-        with open(Path(__file__).parent / "RESULTS.md", "a") as f:
-            f.write("\n".join(header + lines) + "\n")
+        write_results(lines[0], lines[2:], "Data pipeline",
+                      "`PYTHONPATH=. python benchmarks/data_pipeline.py --results`")
+
+
+def write_results(summary: str, table: list[str], title: str, command: str) -> None:
+    """Append a section to benchmarks/RESULTS.md: the command, date, device, load, then the table."""
+    cpu = subprocess.run(["sh", "-c", "lscpu | grep -m1 'Model name' | cut -d: -f2"], capture_output=True,
+                         text=True).stdout.strip() or platform.processor()
+    load = open("/proc/loadavg").read().split()[0]
+    date = subprocess.run(["date"], capture_output=True, text=True).stdout.strip()
+    cores = len(os.sched_getaffinity(0))
+    header = [f"\n## {title}\n",
+              f"{command}, run of {date} (see the script's docstring). Device: {cpu}, {cores} cores shared "
+              f"with other jobs (load average {load} at the end), 1 torch thread per process; torch "
+              f"{torch.__version__}.", "", summary, ""]
+    with open(Path(__file__).parent / "RESULTS.md", "a") as f:
+        f.write("\n".join(header + table) + "\n")
 
 
 if __name__ == "__main__":

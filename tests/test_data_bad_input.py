@@ -121,19 +121,6 @@ def test_pattern_without_manifest_needs_a_size(tmp_path):
         WebDatasetDataModule(train=f"pipe:cat {data}/train-{{000000..000001}}.tar", num_classes=2, multilabel=False)
 
 
-def test_fewer_shards_than_readers_fails_before_workers_start(tmp_path):
-    data = shards(tmp_path, classes=2, per_class=3, shard_size=2)  # 3 shards
-    with pytest.raises(ValueError, match="num_workers <= 3"):
-        WebDatasetDataModule(val=str(data), num_workers=4)
-    dm = WebDatasetDataModule(val=str(data), num_workers=2)
-    dm.trainer = SimpleNamespace(global_rank=0, world_size=2, strategy=SimpleNamespace(root_device=torch.device("cpu")))
-    with pytest.raises(ValueError, match=r"4 readers.*num_workers <= 1.*--shard_size 1"):
-        dm.setup("validate")
-    dm.trainer.world_size = 4
-    with pytest.raises(ValueError, match="rewrite the shards smaller"):
-        dm.setup("validate")
-
-
 def test_train_set_smaller_than_a_global_batch_is_refused(tmp_path):
     dm = WebDatasetDataModule(train=str(shards(tmp_path, classes=2, per_class=2)), batch_size=4, num_workers=0)
     dm.trainer = SimpleNamespace(global_rank=0, world_size=2, strategy=SimpleNamespace(root_device=torch.device("cpu")))

@@ -7,7 +7,6 @@ import torch
 
 from tests.test_data_helpers import jsonl_source, shards
 from xception_pl.data import SKIP_REASONS, WebDatasetDataModule, write_shards
-from xception_pl.data.transforms import decode_on_device
 
 
 def datamodule(tmp_path, **kw):
@@ -138,41 +137,3 @@ def test_ranks_draw_different_training_data(tmp_path):
         dm.setup("fit")
         keys.append([b["key"] for b in dm.train_dataloader()])
     assert len(keys[0]) == len(keys[1]) == 12 // (4 * 2) and keys[0] != keys[1]
-
-
-def test_cuda_decode_workers_ship_original_jpeg_bytes(tmp_path):
-    dm = datamodule(tmp_path, decode_device="cuda", batch_size=6)
-    dm.setup("validate")
-    batch = next(iter(dm.val_dataloader()))
-    assert isinstance(batch["image"], list) and all(x.dtype == torch.uint8 and x.ndim == 1 for x in batch["image"])
-    originals = {}
-    for shard in json.loads((tmp_path / "train" / "manifest.json").read_text())["shards"]:
-        with tarfile.open(tmp_path / "train" / shard["name"]) as tar:
-            originals |= {n[:-4]: tar.extractfile(n).read() for n in tar.getnames() if n.endswith(".jpg")}
-    assert all(bytes(x.numpy()) == originals[k] for x, k in zip(batch["image"], batch["key"]))
-
-    # the hooks Lightning calls, on the CPU: the bytes stay a list through the transfer, then decode
-    dm.trainer = SimpleNamespace(training=False)
-    out = dm.on_after_batch_transfer(dm.transfer_batch_to_device(dict(batch), torch.device("cpu"), 0), 0)
-    assert out["image"].shape == (6, 3, 24, 24) and out["image"].dtype == torch.float32 and out["key"] == batch["key"]
-
-    # the GPU half, run on the CPU: same decode and augmentation code, one corrupt image dropped
-    batch["image"][1] = torch.tensor(list(b"\xff\xd8\xff garbage"), dtype=torch.uint8)
-    good_keys = [k for i, k in enumerate(batch["key"]) if i != 1]
-    out = decode_on_device(batch, dm.eval_transform, torch.device("cpu"))
-    assert out["image"].shape == (5, 3, 24, 24) and out["key"] == good_keys and len(out["target"]) == 5
-    assert out["skipped"][SKIP_REASONS.index("corrupt_image")] == 1
-
-
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_gpu_decode_matches_the_cpu_batch_format(tmp_path):
-    gpu = datamodule(tmp_path, decode_device="cuda", batch_size=6)
-    cpu = datamodule(tmp_path, batch_size=6)
-    device = torch.device("cuda")
-    out = gpu.on_after_batch_transfer(gpu.transfer_batch_to_device(next(iter(gpu.val_dataloader())), device, 0), 0)
-    ref = cpu.on_after_batch_transfer(next(iter(cpu.val_dataloader())), 0)
-    assert out["image"].device.type == "cuda" and out["image"].dtype == torch.float32
-    assert out["image"].shape == ref["image"].shape and out["key"] == ref["key"]
-    assert torch.equal(out["target"].cpu(), ref["target"])
-    assert (out["image"].cpu() - ref["image"]).abs().mean() < 0.05  # nvjpeg vs libjpeg-turbo rounding

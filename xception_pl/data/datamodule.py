@@ -15,11 +15,11 @@ from lightning.pytorch.trainer.states import TrainerFn
 
 from xception_pl.data import transforms
 from xception_pl.slurm import ignore_sigusr1_in_worker
-from xception_pl.data.pipeline import EpochLoader, EpochSeed, carry_skips, eval_pipeline, train_pipeline
+from xception_pl.data.batch_crop import PerImage, RandomResizedCropFlip, ResizeCenterCrop
+from xception_pl.data.device_decode import BatchTransform, DecodeOnDevice
+from xception_pl.data.pipeline import EpochLoader, EpochSeed, carry_skips, eval_pipeline, rank_shards, train_pipeline
 from xception_pl.data.samples import DecodeSamples, SkipCounter
-from xception_pl.data.sources import SHARDS_COMMAND, ShardSet, dataset_facts, resolve
-
-SPLITS_OF_STAGE = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
+from xception_pl.data.sources import ShardSet, dataset_facts, resolve
 
 
 class WebDatasetDataModule(L.LightningDataModule):
@@ -28,14 +28,18 @@ class WebDatasetDataModule(L.LightningDataModule):
     "image": float [B, 3, S, S] in [-1, 1] (x / 127.5 - 1, the paper's Keras preprocessing);
     "target": long [B] class ids, or float [B, num_classes] multi-hot when multilabel;
     "skipped": long [len(SKIP_REASONS)], samples this worker dropped since its previous batch, per
-    reason; "key": the sample keys. Workers ship uint8 images (JPEG bytes with decode_device="cuda")
-    and `on_after_batch_transfer` scales (and decodes) them on the device: a batch read from a
-    loader directly, outside a Trainer, holds uint8 images until passed through that hook.
+    reason; "key": the sample keys. Workers ship uint8 images and `on_after_batch_transfer` scales
+    them on the device: a batch read from a loader directly, outside a Trainer, holds uint8 images
+    until passed through that hook. With decode_device="cuda" workers ship each batch's JPEG bytes
+    packed in one tensor, and the loader decodes and crops them on the trainer's device (outside a
+    Trainer: the current CUDA device, else the CPU, by the same code), one batch ahead.
 
     Training draws shards with replacement and shuffles samples before decoding; every rank gets
     train_size // (batch_size * world_size) full batches per epoch, so DDP never waits on a rank.
-    Validation, test and predict read shard i on (rank, worker) slot i % (world_size * num_workers):
-    every sample exactly once, no padding; the last batch of a worker may be short.
+    Validation, test and predict give shard i to rank i % world_size, and a rank's shards round-robin
+    to its workers: every sample exactly once, no padding; the last batch of a worker may be short.
+    Any shard count works: a rank starts at most as many workers as it has shards, and a rank without
+    a shard gets an empty loader.
 
     Resume: the training stream of an epoch is a function of (seed, epoch, rank, worker), and
     `state_dict()` holds {"seed", "epoch", "batch"}: the position of the next training batch, read from
@@ -61,18 +65,22 @@ class WebDatasetDataModule(L.LightningDataModule):
         num_classes: number of classes; default: from the manifest (required without one).
         multilabel: `<key>.json` label lists (JFT) instead of `<key>.cls`; default: from the manifest.
         batch_size: samples per batch, per device.
-        num_workers: DataLoader worker processes per device (0: load in the main process).
+        num_workers: DataLoader worker processes per device (0: load in the main process); evaluation
+            starts at most one per shard of the rank.
         image_size: side of the square crops fed to the network (299 in the paper).
         eval_resize: evaluation resizes the shorter side to this, then centre-crops image_size (ours).
         shuffle_buffer: raw training samples each worker shuffles in memory (ours; at most train_size).
         decode_device: "cpu": workers decode and augment; "cuda": workers send JPEG bytes and the
-            GPU decodes (nvjpeg) and augments after the transfer.
+            GPU decodes (nvjpeg) and crops them, the default transforms batched (data/batch_crop.py).
         max_image_pixels: larger images are skipped ("too_large") from their header, never decoded.
         train_transform: uint8 [3, H, W] -> [3, S, S] training augmentation; default
-            RandomResizedCrop(image_size) + RandomHorizontalFlip.
-        eval_transform: uint8 [3, H, W] -> [3, S, S]; default Resize(eval_resize) + CenterCrop(image_size).
+            RandomResizedCrop(image_size) + RandomHorizontalFlip (batched with decode_device="cuda";
+            a custom one runs image by image there).
+        eval_transform: uint8 [3, H, W] -> [3, S, S]; default Resize(eval_resize) + CenterCrop(image_size)
+            (batched with decode_device="cuda", as train_transform).
         seed: seed of the training stream (shard draws, shuffle, augmentation).
-        pin_memory: page-locked batches (only when CUDA is available).
+        pin_memory: page-locked batches (only when CUDA is available; never the JPEG bytes of
+            decode_device="cuda", which nvjpeg copies itself).
         persistent_workers: keep workers alive between epochs (when num_workers > 0).
         prefetch_factor: batches each worker loads ahead (None: PyTorch's default, 2).
         multiprocessing_context: start method of the workers (None: PyTorch's default).
@@ -120,13 +128,14 @@ class WebDatasetDataModule(L.LightningDataModule):
         self.decode_device, self.max_image_pixels = decode_device, max_image_pixels
         self.train_transform = train_transform or transforms.train_transform(image_size)
         self.eval_transform = eval_transform or transforms.eval_transform(image_size, eval_resize)
+        self.batch_transforms: dict[bool, BatchTransform] = {  # decode_device="cuda", by training or not
+            True: PerImage(train_transform) if train_transform else RandomResizedCropFlip(image_size),
+            False: PerImage(eval_transform) if eval_transform else ResizeCenterCrop(image_size, eval_resize)}
         self.pin_memory, self.persistent_workers = pin_memory, persistent_workers
         self.prefetch_factor, self.multiprocessing_context = prefetch_factor, multiprocessing_context
         self.seed, self.epoch, self.passes = seed, 0, 0
         self.resume_batch: int | None = None  # set by load_state_dict, used by the next pass
         self.rank, self.world_size = 0, 1
-        for name in self.shards.keys() - {"train"}:
-            self.check_readers(name)
 
     def setup(self, stage: str) -> None:
         if self.trainer is not None:
@@ -139,11 +148,8 @@ class WebDatasetDataModule(L.LightningDataModule):
         device = self.trainer.strategy.root_device if self.trainer is not None else None
         if self.decode_device == "cuda" and device is not None and device.type != "cuda":
             raise ValueError("decode_device='cuda' needs a CUDA trainer; set decode_device=cpu")
-        for name in SPLITS_OF_STAGE.get(stage, ()):
-            if name == "train":
-                self.batches_per_rank()
-            elif name in self.shards:
-                self.check_readers(name)
+        if stage == "fit":
+            self.batches_per_rank()
 
     def split(self, name: str) -> ShardSet:
         if name not in self.shards:
@@ -157,29 +163,17 @@ class WebDatasetDataModule(L.LightningDataModule):
                              f"{self.world_size} devices): lower batch_size or use more data")
         return batches
 
-    def check_readers(self, name: str) -> None:
-        """Each sample exactly once means whole shards per (rank, worker): at least one shard each."""
-        shards = self.split(name)
-        readers = self.world_size * max(1, self.num_workers)
-        if len(shards.urls) < readers:
-            most = len(shards.urls) // self.world_size
-            fix = f"set num_workers <= {most}, or " if most else ""
-            per_shard = f" --shard_size {max(1, shards.size // readers)}" if shards.size else " --shard_size <smaller>"
-            raise ValueError(
-                f"{name} has {len(shards.urls)} shards but {self.world_size} ranks x {max(1, self.num_workers)} workers"
-                f" = {readers} readers, each needing a whole shard: {fix}rewrite the shards smaller with "
-                f"`{SHARDS_COMMAND}{per_shard}`")
-
     def decoder(self, name: str) -> DecodeSamples:
         transform = self.train_transform if name == "train" else self.eval_transform
         return DecodeSamples(SkipCounter(name), self.num_classes, self.multilabel,
                              None if self.decode_device == "cuda" else transform, self.max_image_pixels,
                              labels_required=name != "predict")
 
-    def loader_args(self) -> dict[str, Any]:
-        args: dict[str, Any] = {"num_workers": self.num_workers,
-                                "pin_memory": self.pin_memory and torch.cuda.is_available()}
-        if self.num_workers > 0:
+    def loader_args(self, num_workers: int | None = None) -> dict[str, Any]:
+        num_workers = self.num_workers if num_workers is None else num_workers
+        pin = self.pin_memory and torch.cuda.is_available() and self.decode_device == "cpu"  # JPEG bytes: nvjpeg copies
+        args: dict[str, Any] = {"num_workers": num_workers, "pin_memory": pin}
+        if num_workers > 0:
             args.update(persistent_workers=self.persistent_workers, prefetch_factor=self.prefetch_factor,
                         multiprocessing_context=self.multiprocessing_context,
                         worker_init_fn=ignore_sigusr1_in_worker)  # SLURM's SIGUSR1 is for the trainer
@@ -204,13 +198,30 @@ class WebDatasetDataModule(L.LightningDataModule):
         shuffle_buffer = min(self.shuffle_buffer, shards.size)  # no point holding more than the data set
         pipeline = train_pipeline(shards.urls, seeds, self.decoder("train"), self.batch_size, shuffle_buffer,
                                   encoded=self.decode_device == "cuda")
-        return EpochLoader(pipeline, seeds, self.next_pass, self.batches_per_rank(), **self.loader_args())
+        loader = EpochLoader(pipeline, seeds, self.next_pass, self.batches_per_rank(), **self.loader_args())
+        return loader.compose(*self.device_decode(training=True), carry_skips)
 
     def eval_dataloader(self, name: str) -> wds.WebLoader:
-        self.check_readers(name)
-        pipeline = eval_pipeline(self.split(name).urls, self.rank, self.world_size, self.decoder(name),
+        urls = self.split(name).urls
+        pipeline = eval_pipeline(urls, self.rank, self.world_size, self.decoder(name),
                                  self.batch_size, encoded=self.decode_device == "cuda")
-        return wds.WebLoader(pipeline, batch_size=None, **self.loader_args()).compose(carry_skips)
+        # A worker reads whole shards, so more workers than this rank's shards would sit idle (ours).
+        workers = min(self.num_workers, len(rank_shards(urls, self.rank, self.world_size)))
+        loader = wds.WebLoader(pipeline, batch_size=None, **self.loader_args(workers))
+        return loader.compose(*self.device_decode(training=False), carry_skips)
+
+    def device_decode(self, training: bool) -> list[DecodeOnDevice]:
+        """decode_device="cuda": the main-process stage that decodes and crops on the device (a batch it
+        leaves empty, all corrupt, carry_skips then drops, keeping its count)."""
+        if self.decode_device != "cuda":
+            return []
+        if self.trainer is not None:
+            device = self.trainer.strategy.root_device
+        elif torch.cuda.is_available():
+            device = torch.device("cuda", torch.cuda.current_device())
+        else:  # the same code on the CPU, as the tests run it
+            device = torch.device("cpu")
+        return [DecodeOnDevice(self.batch_transforms[training], device)]
 
     def val_dataloader(self) -> wds.WebLoader:
         return self.eval_dataloader("val")
@@ -221,18 +232,7 @@ class WebDatasetDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> wds.WebLoader:
         return self.eval_dataloader("predict")
 
-    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        encoded = batch.pop("image") if isinstance(batch.get("image"), list) else None
-        batch = super().transfer_batch_to_device(batch, device, dataloader_idx)
-        if encoded is not None:  # decode_jpeg(device="cuda") reads CPU tensors
-            batch["image"] = encoded
-        return batch
-
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        if isinstance(batch["image"], list):
-            training = self.trainer is not None and self.trainer.training
-            transform = self.train_transform if training else self.eval_transform
-            batch = transforms.decode_on_device(batch, transform, batch["target"].device)
         batch["image"] = transforms.to_model_input(batch["image"])
         return batch
 

@@ -76,16 +76,21 @@ class ResampledShards:
             yield {"url": rng.choice(self.urls)}
 
 
+def rank_shards(urls: list[str], rank: int, world_size: int) -> list[str]:
+    """This rank's evaluation shards: shard i goes to rank i % world_size (none when shards < ranks)."""
+    return urls[rank::world_size]
+
+
 class ShardSlot:
-    """This (rank, worker)'s shards: shard i goes to slot i % (world_size * num_workers), once."""
+    """This (rank, worker)'s evaluation shards: the rank's shards, dealt round-robin to its workers.
+    Every shard is read once, by one (rank, worker); a slot without a shard yields nothing."""
 
     def __init__(self, urls: list[str], rank: int, world_size: int) -> None:
-        self.urls, self.rank, self.world_size = urls, rank, world_size
+        self.urls = rank_shards(urls, rank, world_size)
 
     def __call__(self) -> Iterator[dict[str, str]]:
         worker, num_workers = worker_slot()
-        slots = self.world_size * num_workers
-        for url in self.urls[self.rank * num_workers + worker::slots]:
+        for url in self.urls[worker::num_workers]:
             yield {"url": url}
 
 
@@ -126,7 +131,8 @@ def eval_pipeline(urls: list[str], rank: int, world_size: int, decoder: DecodeSa
 def flush_skips(batches: Iterator[dict[str, Any]], counter: SkipCounter) -> Iterator[dict[str, Any]]:
     yield from batches
     if any(counter.counts):  # e.g. a worker whose only shard was unreadable: its count must not vanish
-        yield {"image": [], "target": torch.empty(0), "skipped": counter.take(), "key": []}
+        yield {"image": torch.empty(0, 3, 0, 0, dtype=torch.uint8), "target": torch.empty(0), "skipped": counter.take(),
+               "key": []}
 
 
 def carry_skips(batches: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:

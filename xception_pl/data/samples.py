@@ -7,6 +7,7 @@ error; here every drop is counted per reason, rides along with the next batch, a
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
 import warnings
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import default_collate
-from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +127,8 @@ class DecodeSamples:
         num_classes: labels must lie in [0, num_classes).
         multilabel: labels from `<key>.json` (a list of class ids) as a multi-hot float vector;
             otherwise `<key>.cls` (an integer) as a class id.
-        transform: uint8 [3, H, W] -> [3, S, S] augmentation (None: keep the encoded bytes).
+        transform: uint8 [3, H, W] -> [3, S, S] augmentation (None: keep the JPEG bytes; other formats
+            are re-encoded as JPEG quality 95, as the shard writer does, for the device's JPEG decoder).
         max_image_pixels: larger images are dropped as "too_large" from their header alone.
         labels_required: False for predict: a missing label gives target -1 (or all zeros).
     """
@@ -157,7 +159,7 @@ class DecodeSamples:
         if width * height > self.max_image_pixels:
             raise Skip("too_large", f"{width}x{height} pixels > max_image_pixels={self.max_image_pixels}")
         if self.transform is None:  # decode_device="cuda": JPEG bytes travel, the GPU decodes
-            image = torch.frombuffer(bytearray(data), dtype=torch.uint8) if is_jpeg else decode(data, False)
+            image = data if is_jpeg else encode_jpeg(decode(data, False), quality=95).numpy().tobytes()
         else:
             image = self.transform(decode(data, is_jpeg))
         return {"image": image, "target": target, "key": sample["__key__"]}
@@ -181,17 +183,34 @@ class DecodeSamples:
         return labels
 
 
+def pack(blobs: list[bytes]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encoded images -> (uint8 bytes of all, int64 offsets [B + 1]); image i is bytes[offsets[i]:offsets[i+1]]."""
+    offsets = torch.tensor([0, *itertools.accumulate(len(blob) for blob in blobs)], dtype=torch.long)
+    return torch.frombuffer(bytearray(b"".join(blobs)), dtype=torch.uint8), offsets
+
+
+def unpack(data: torch.Tensor, offsets: torch.Tensor) -> list[torch.Tensor]:
+    bounds = offsets.tolist()  # a CPU tensor: no device sync
+    return [data[start:end] for start, end in zip(bounds[:-1], bounds[1:])]
+
+
 class Collate:
-    """Samples -> the batch dict; "skipped" carries this worker's drops since its previous batch."""
+    """Samples -> the batch dict; "skipped" carries this worker's drops since its previous batch.
+    encoded: the samples' JPEG bytes go packed into "jpeg" (uint8) + "jpeg_offsets" [B + 1], in place of
+    "image": one tensor to send to the main process, not one per image (device_decode unpacks them)."""
 
     def __init__(self, counter: SkipCounter, encoded: bool = False) -> None:
         self.counter, self.encoded = counter, encoded
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         images = [s["image"] for s in samples]
-        return {  # default_collate stacks straight into shared memory in a worker: no copy on the way out
-            "image": images if self.encoded else default_collate(images),  # encoded: a list of byte tensors
+        batch = {
             "target": default_collate([s["target"] for s in samples]),
             "skipped": self.counter.take(),
             "key": [s["key"] for s in samples],
         }
+        if self.encoded:
+            batch["jpeg"], batch["jpeg_offsets"] = pack(images)
+        else:
+            batch["image"] = default_collate(images)  # stacked straight into shared memory in a worker
+        return batch
