@@ -176,10 +176,7 @@ DATA = [  # (arguments given the 12-sample, 3-class, 6-shard set at {data}, mess
     (dict(train="{data}", num_classes=5), "num_classes=5 (an argument or another split's manifest) disagrees", "init"),
     (dict(train="{data}", val="{other}"), "disagrees with num_classes=2 in the manifest.json of val", "init"),
     (dict(train="{data}", batch_size=0), "need batch_size >= 1", "init"),
-    (dict(val="{data}", num_workers=7), "set num_workers <= 6, or rewrite the shards smaller", "init"),
     (dict(train="{data}", batch_size=8, trainer=cpu_trainer(world_size=2)), "less than one global batch", "setup"),
-    (dict(val="{data}", num_workers=2, trainer=cpu_trainer(world_size=4)),
-     "8 readers, each needing a whole shard: set num_workers <= 1", "setup"),
     (dict(train="{data}", decode_device="cuda", trainer=cpu_trainer()),
      "decode_device='cuda' needs a CUDA trainer; set decode_device=cpu", "setup"),
 ]
