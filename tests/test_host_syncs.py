@@ -1,6 +1,7 @@
 """HostSyncCounter counts the .item() reads and collectives of each training step in a real fit."""
 
 import json
+import socket
 from pathlib import Path
 
 import lightning as L
@@ -36,7 +37,20 @@ class ReadingModule(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def test_counts_reads_and_collectives_per_step_and_flags_logging_validation_and_checkpoint_steps(tmp_path: Path):
+@pytest.fixture
+def one_process_group(monkeypatch: pytest.MonkeyPatch):
+    """DDP with one gloo process (real collectives); the group and its port are gone after the test."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("MASTER_PORT", str(s.getsockname()[1]))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def test_counts_reads_and_collectives_per_step_and_flags_logging_validation_and_checkpoint_steps(
+        tmp_path: Path, one_process_group) -> None:
     loader = DataLoader(TensorDataset(torch.randn(16, 4)), batch_size=2)
     counter = HostSyncCounter(output=str(tmp_path / "syncs.json"))
     trainer = L.Trainer(accelerator="cpu", devices=1, strategy="ddp", max_steps=6, log_every_n_steps=2,
