@@ -247,8 +247,8 @@ class Sections:
     """The sections at one batch size (args.batch), as table rows {section, setting, batch, name, img_s,
     peak_mib, baseline, baseline_img_s, baseline_peak_mib, ratio} (or error)."""
 
-    def __init__(self, args) -> None:
-        self.args, self.rows = args, []
+    def __init__(self, args, done: list[dict]) -> None:
+        self.args, self.rows, self.done = args, [], done  # done: earlier batch sizes' rows
         self.cuda = args.device.type == "cuda"
         self.precision, self.layout = args.loop_precision, args.layouts[-1]  # of sections b-e
         self.loop_mode = "default" if args.recipe["compile"] else "eager"  # the module's compile flag
@@ -266,10 +266,17 @@ class Sections:
         except Exception as error:  # noqa: BLE001
             traceback.print_exc()
             self.rows.append({**row, "error": f"{type(error).__name__}: {error}"[:300]})
+            self.save_partial()
             return None
         self.rows.append({**row, "img_s": ours["img_s"], "peak_mib": ours["peak_mib"], "baseline_img_s": base["img_s"],
                           "baseline_peak_mib": base["peak_mib"], "ratio": ours["img_s"] / base["img_s"]})
+        self.save_partial()
         return ours
+
+    def save_partial(self) -> None:
+        """Every row so far into --out, so that a run killed by a time limit keeps what it measured."""
+        Path(self.args.out).write_text(json.dumps({"partial": True, "recipe": self.args.recipe,
+                                                   "rows": self.done + self.rows}, indent=1))
 
     def a(self) -> None:
         args = self.args
@@ -365,7 +372,8 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/imagenet.yaml", help="the CLI config whose recipe is timed")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--sections", default="a,b,c,d,e", help="comma-separated subset of a,b,c,d,e")
+    parser.add_argument("--sections", default="a,b,c,d,e", help="comma-separated subset of a,b,c,d,e, run in this "
+                        "order (b before c)")
     parser.add_argument("--quick", action="store_true", help=f"small defaults for a CPU: {QUICK}")
     parser.add_argument("--batch-sizes", help="comma-separated (default: the config's per-device batch)")
     parser.add_argument("--steps", type=int, help=f"timed steps (default {FULL['steps']})")
@@ -399,6 +407,9 @@ def parse_args() -> argparse.Namespace:
                                  ("layouts", args.layouts, ("nchw", "channels_last"))):
         if unknown := set(given) - set(allowed):
             parser.error(f"--{name} {','.join(sorted(unknown))}: choose from {','.join(allowed)}")
+    if "c" in args.sections and "b" in args.sections[args.sections.index("c"):]:
+        args.sections.remove("b")
+        args.sections.insert(args.sections.index("c"), "b")  # c's baseline is b's measurement
     args.loop_precision = args.precisions[-1]
     if args.layouts[-1] != ("channels_last" if recipe["channels_last"] else "nchw") and {"b", "c"} & set(args.sections):
         parser.error("--layouts: sections b and c train the config's model.channels_last; the last layout must match")
@@ -418,8 +429,8 @@ def main() -> None:
         print(f"outputs check (ours from_timm vs timm, eval): {check}", file=sys.stderr)
     rows = []
     for args.batch in args.batch_sizes:  # the batch every measurement reads
-        sections = Sections(args)
-        for name in sorted(args.sections):  # c reuses b's measurement as its baseline
+        sections = Sections(args, rows)
+        for name in args.sections:
             getattr(sections, name)()
         rows += sections.rows
     params = {}
