@@ -1,9 +1,10 @@
-"""System test of benchmarks/throughput.py: the whole script on CPU with tiny settings."""
+"""System tests of benchmarks/throughput.py and benchmarks/gpu_check.sh: the whole scripts on CPU, tiny settings."""
 
 import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -12,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_throughput_script_reports_every_section_and_checks_outputs_match_timm(tmp_path: Path) -> None:
     out = tmp_path / "results.json"
     command = [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--device", "cpu", "--quick",
+               "--config", str(ROOT / "configs" / "imagenet.yaml"),
                "--sections", "a,b,c,d,e", "--image-size", "71", "--batch-sizes", "2", "--steps", "1", "--warmup", "0",
                "--layouts", "channels_last", "--workers", "0", "--images", "8", "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -23,7 +25,7 @@ def test_throughput_script_reports_every_section_and_checks_outputs_match_timm(t
     rows = {(r["section"], r["setting"]): r for r in report["rows"]}
     assert sorted(rows) == [
         ("a", "train step fp32 channels_last eager"),
-        ("b", "fit synthetic fp32 channels_last eager EMA"),
+        ("b", "fit synthetic fp32 channels_last eager EMA 0.9999"),  # the config's EMA
         ("b", "fit synthetic fp32 channels_last eager no EMA"),
         ("c", "fit JPEG shards, decode cpu, 0 workers, fp32 eager"),
         ("d", "inference fp32 channels_last eager"),
@@ -33,5 +35,35 @@ def test_throughput_script_reports_every_section_and_checks_outputs_match_timm(t
         assert row["batch"] == 2
         assert row["img_s"] > 0 and row["baseline_img_s"] > 0 and row["peak_mib"] > 0, row
         assert row["ratio"] == row["img_s"] / row["baseline_img_s"]
+    assert report["recipe"]["optimizer"]["class_path"] == "torch.optim.SGD" and report["recipe"]["benchmark"]
     assert report["params"] == {"xception": 22_855_952, "inception_v3": 23_834_568}
     assert result.stdout.rstrip().splitlines()[-1].startswith("Training steps/s at batch 2: Xception")  # table last
+
+
+def test_gpu_check_on_cpu_trains_every_path_through_the_cli_and_reports_syncs_then_the_table(tmp_path: Path) -> None:
+    out = tmp_path / "check.json"
+    env = {**os.environ, "PYTHON": sys.executable}
+    shm = Path("/dev/shm")  # the runs' checkpoints in memory: fsync of 250 MB files on a busy disk takes a minute
+    with tempfile.TemporaryDirectory(dir=shm if shm.is_dir() else tmp_path) as work:
+        result = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--device", "cpu", "--out",
+                                 str(out), "--workdir", work], cwd=tmp_path, env=env, capture_output=True, text=True,
+                                timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(out.read_text())
+
+    paths = {p["path"]: p for p in report["paths"]}
+    assert {n for n, p in paths.items() if p["status"] == "ok"} == {"bf16", "jft-map100"}
+    assert {n: p["note"] for n, p in paths.items() if p["status"] == "skipped"} == {
+        "compile": "CUDA only", "fp16": "CUDA only", "decode-cuda": "CUDA only", "nchw": "GPU check only",
+        "no-ema": "GPU check only", "compile-reduce-overhead": "XceptionModule has no `compile_mode` argument"}
+    assert paths["bf16"]["metric"] == "val/acc1" and paths["jft-map100"]["metric"] == "val/map100"
+    for name in ("bf16", "jft-map100"):
+        run = paths[name]
+        assert run["loss_finite"] and 0 <= run["value"] <= 1 and run["steps"] == 4, run
+        assert isinstance(run["steady_syncs"], int) and run["counted"] == "reads"  # the dispatch counter on CPU
+        assert "--config configs/" in run["command"] and "HostSyncCounter" in run["command"]
+    assert report["throughput_status"]["exit"] == 0
+    assert [r["setting"] for r in report["throughput"]["rows"]] == ["train step fp32 channels_last eager"]
+    lines = result.stdout.rstrip().splitlines()
+    assert lines[-11] == "| check | status | numbers | note |"  # the table last: 8 paths, 1 throughput row
+    assert lines[-1].startswith("| a: train step fp32 channels_last eager, batch 2 | ok | ours ")
