@@ -97,15 +97,14 @@ class XceptionModule(L.LightningModule):
         by_cli = _given_hyperparameters.get() is not None
         self.save_hyperparameters(ignore=[] if by_cli else ["network", "optimizer", "lr_scheduler"])
         self.network = network(num_classes)
-        self.optimizer = optimizer
-        self.lr_scheduler = lr_scheduler
+        self.factories = Shared({"optimizer": optimizer, "lr_scheduler": lr_scheduler})
         if channels_last:
             self.network.to(memory_format=torch.channels_last)
         if compile:
             self.network.compile()
         self.metrics = nn.ModuleDict({stage: self.build_metrics(stage) for stage in ("val", "test")})
         self.losses = nn.ModuleDict({stage: MeanMetric() for stage in ("val", "test")})
-        self.added_callbacks: list[L.Callback] = []  # by run_callbacks
+        self.added_callbacks: set[int] = set()  # ids of those run_callbacks gave (no references: deepcopy)
         self.batchnorm_state = BatchNormState(self.network)
         self.step_kept: Tensor | None = None  # 0-dim float on the device: 0.0 if the last step was skipped
         # Counters of this run, on the device (moved by _apply): the host reads them on logging steps only.
@@ -124,6 +123,14 @@ class XceptionModule(L.LightningModule):
             metrics = {f"acc{k}": MulticlassAccuracy(hp.num_classes, top_k=k, average="micro")
                        for k in (1, 5) if k < hp.num_classes}
         return MetricCollection(metrics, prefix=f"{stage}/")
+
+    @property
+    def optimizer(self) -> OptimizerCallable:
+        return self.factories.value["optimizer"]
+
+    @property
+    def lr_scheduler(self) -> LRSchedulerCallable | None:
+        return self.factories.value["lr_scheduler"]
 
     @property
     def main_metric(self) -> str:
@@ -164,7 +171,7 @@ class XceptionModule(L.LightningModule):
         self.counts["first_nonfinite_batch"].masked_fill_(first, batch_idx)
         self.counts["nonfinite_losses"] += bad
         if logs_this_step(self.trainer):
-            self.log("train/loss", loss, prog_bar=True)
+            self.log("train/loss", loss)
         return poison(loss)  # a non-finite loss makes every gradient NaN, on every rank: see guard.py
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
@@ -187,7 +194,7 @@ class XceptionModule(L.LightningModule):
     def on_train_batch_end(self, outputs: Any, batch: Batch, batch_idx: int) -> None:
         if not logs_this_step(self.trainer):
             return  # everything below reads the device or the other ranks: logging steps only
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         self.log("train/skipped_nonfinite", self.counts["skipped_steps"].float())
         if self.hparams.nonfinite_loss == "stop":
             self.stop_on_nonfinite_loss()
@@ -292,12 +299,12 @@ class XceptionModule(L.LightningModule):
         callbacks = []
         for what, (callback, same_kind) in ours.items():
             present = [c for c in given if same_kind(c) and not is_lightning_default(c)]
-            theirs = [c for c in present if c not in self.added_callbacks]
+            theirs = [c for c in present if id(c) not in self.added_callbacks]
             if theirs:
                 rank_zero_info(f"{what}: using {type(theirs[0]).__name__} from the trainer's callbacks, not ours")
             elif not present:
                 callbacks.append(callback)
-        self.added_callbacks += callbacks
+        self.added_callbacks |= {id(c) for c in callbacks}
         return callbacks
 
     def configure_callbacks(self) -> list[L.Callback]:
@@ -349,6 +356,18 @@ class XceptionModule(L.LightningModule):
                 raise ValueError(
                     f"the checkpoint was trained with {key}={saved[key]} but the data gives {key}={self.hparams[key]}: "
                     "point --ckpt_path at a checkpoint of this dataset, or use the dataset it was trained on")
+
+
+class Shared:
+    """A value that deep copies of the module share rather than copy: the optimizer and schedule factories
+    (under DDP, jsonargparse's callables reach a lock and cannot be copied; the Polyak copy, which
+    WeightAveraging makes with deepcopy, never builds an optimizer)."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __deepcopy__(self, memo: dict) -> "Shared":
+        return self
 
 
 def is_lightning_default(callback: L.Callback) -> bool:

@@ -1,0 +1,44 @@
+"""A steady-state training step (not a logging, checkpoint or validation step) makes no device-to-host read
+and no collective: counted in real fits of the shipped recipes (2 gloo ranks, and 1 rank launched as under
+srun), with xception_pl.host_syncs.HostSyncCounter."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SRUN_ENV = {"SLURM_JOB_ID": "7", "SLURM_STEP_ID": "0", "SLURM_NTASKS": "1", "SLURM_PROCID": "0",
+            "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_JOB_NAME": "steady", "SLURM_NTASKS_PER_NODE": "1",
+            "SLURM_JOB_NUM_NODES": "1"}
+
+
+@pytest.mark.parametrize("recipe, devices, env", [
+    ("imagenet", 2, {}), ("jft", 2, {}), ("imagenet", 1, SRUN_ENV)], ids=["imagenet-ddp", "jft-ddp", "imagenet-srun"])
+def test_a_steady_state_step_never_waits_for_the_host(tmp_path, recipe, devices, env):
+    syncs = tmp_path / "syncs.json"
+    data = ["--data", "xception_pl.data.synthetic.SyntheticDataModule", "--data.init_args.image_size", "71",
+            "--data.init_args.batch_size", "2", "--data.init_args.train_size", "64",
+            "--data.init_args.num_classes", "12", "--data.init_args.multilabel", str(recipe == "jft").lower()]
+    command = [sys.executable, "-m", "xception_pl", "fit", "--config", f"configs/{recipe}.yaml", *data,
+               "--trainer.accelerator", "cpu", "--trainer.devices", str(devices),
+               "--trainer.strategy", "ddp" if devices > 1 else "auto", "--trainer.max_steps", "9",
+               "--trainer.log_every_n_steps", "4", "--trainer.limit_val_batches", "0",
+               "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path / "run"),
+               "--trainer.callbacks+=xception_pl.host_syncs.HostSyncCounter", f"--trainer.callbacks.output={syncs}"]
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")} | env
+    result = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=500)
+    assert result.returncode == 0, result.stderr[-3000:]
+    files = [syncs.with_name(f"syncs.rank{r}.json") for r in range(devices)] if devices > 1 else [syncs]
+    for file in files:
+        records = json.loads(file.read_text())["records"]
+        assert len(records) == 9 and sum(r["logs"] for r in records) == 2  # steps 4 and 8 log
+        # not the first step (set-up) nor the last (the end of training saves and syncs)
+        steady = [r for r in records[1:-1] if not (r["logs"] or r["validated"] or r["checkpointed"])]
+        assert len(steady) >= 5
+        assert [(r["reads"], r["collectives"]) for r in steady] == [(0, 0)] * len(steady), steady
+        # and the counter sees what logging steps do (so a zero above is not a blind counter)
+        assert all(r["reads"] > 0 for r in records if r["logs"])
