@@ -14,16 +14,17 @@ from tests.helpers import scalars
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_cli(tmp_path: Path, subcommand: str, name: str, devices: int, *args: str) -> Path:
+def run_cli(tmp_path: Path, subcommand: str, name: str, devices: int, *args: str, data: dict | None = None,
+            model: dict | None = None) -> Path:
     run = tmp_path / name
-    data = {"class_path": "xception_pl.data.DemoDataModule",
-            "init_args": {"root": str(tmp_path / "demo"), "num_classes": 3, "train_images_per_class": 4,
-                          "val_images_per_class": 7,  # 21 samples: odd, so 2 ranks cannot split them evenly
-                          "source_size": 80, "image_size": 71, "eval_resize": 75, "batch_size": 4,
-                          "num_workers": 1}}
+    data = data or {"class_path": "xception_pl.data.DemoDataModule",
+                    "init_args": {"root": str(tmp_path / "demo"), "num_classes": 3, "train_images_per_class": 4,
+                                  "val_images_per_class": 7,  # 21 samples: odd, so 2 ranks cannot split them evenly
+                                  "source_size": 80, "image_size": 71, "eval_resize": 75, "batch_size": 4,
+                                  "num_workers": 1}}
     config = {"trainer": {"accelerator": "cpu", "devices": devices, "strategy": "ddp" if devices > 1 else "auto",
                           "default_root_dir": str(run), "enable_progress_bar": False},
-              "data": data, "model": {"ema_decay": None}}
+              "data": data, "model": {"ema_decay": None, **(model or {})}}
     (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(config))
     result = subprocess.run([sys.executable, "-m", "xception_pl", subcommand, "--config", str(tmp_path / f"{name}.yaml"),
                              *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -31,8 +32,8 @@ def run_cli(tmp_path: Path, subcommand: str, name: str, devices: int, *args: str
     return run
 
 
-def validate(tmp_path: Path, name: str, devices: int) -> dict[str, float]:
-    run = run_cli(tmp_path, "validate", name, devices)
+def validate(tmp_path: Path, name: str, devices: int, data: dict | None = None) -> dict[str, float]:
+    run = run_cli(tmp_path, "validate", name, devices, data=data)
     return {tag: values[-1][1] for tag, values in scalars(run).items() if tag.startswith("val/")}
 
 
@@ -54,3 +55,35 @@ def test_two_process_predict_writes_every_image_once(tmp_path):
     keys = [line["key"] for line in lines]
     assert len(keys) == len(set(keys)) == 21
     assert all(len(line["classes"]) == len(line["probs"]) == 3 for line in lines)
+
+
+def test_validation_over_fewer_shards_than_ranks_equals_one_process(tmp_path):
+    validate(tmp_path, "demo", devices=1)  # builds the demo shards
+    one_shard = sorted((tmp_path / "demo").glob("*/val/*.tar"))[0]  # rank 1 gets no shard
+    data = {"class_path": "xception_pl.data.WebDatasetDataModule",
+            "init_args": {"val": str(one_shard), "num_classes": 3, "multilabel": False, "image_size": 71,
+                          "eval_resize": 75, "batch_size": 4, "num_workers": 2}}
+    one = validate(tmp_path, "one", devices=1, data=data)
+    two = validate(tmp_path, "two", devices=2, data=data)
+    assert two["val/acc1"] == one["val/acc1"]
+    assert two["val/loss"] == pytest.approx(one["val/loss"], rel=1e-5)
+
+
+def fit_with_probe(tmp_path: Path, name: str) -> tuple[list[dict], dict]:
+    probe = ["--trainer.callbacks+=tests.probes.RankProbe", f"--trainer.callbacks.output={tmp_path / name}.json",
+             "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0"]
+    data = {"class_path": "xception_pl.data.synthetic.SyntheticDataModule",
+            "init_args": {"num_classes": 4, "train_size": 16, "batch_size": 2, "image_size": 71}}
+    run = run_cli(tmp_path, "fit", name, 2, *probe, data=data, model={"network": {
+        "class_path": "xception_pl.Xception", "init_args": {"drop_rate": 0.5}}})
+    ranks = [json.loads((tmp_path / f"{name}.rank{r}.json").read_text()) for r in (0, 1)]
+    return ranks, scalars(run)
+
+
+def test_each_rank_draws_its_own_dropout_masks_and_skip_counts_sum_over_ranks(tmp_path):
+    ranks, curves = fit_with_probe(tmp_path, "first")
+    assert ranks[0]["masks"] != ranks[1]["masks"]
+    again, _ = fit_with_probe(tmp_path, "again")  # the same seed and world size: the same draws
+    assert [r["masks"] for r in again] == [r["masks"] for r in ranks]
+    # rank 0 reports 1 skipped sample per batch, rank 1 two: logged once, summed over the ranks
+    assert curves["data/skipped"][-1][1] == 2 * (1 + 2)  # 2 steps

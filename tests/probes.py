@@ -1,0 +1,25 @@
+"""Callbacks that the multi-process tests hand to the CLI (`--trainer.callbacks+=tests.probes.X`): each rank
+writes what it saw to `<output>.rank<r>.json`."""
+
+import json
+from pathlib import Path
+
+import lightning as L
+import torch
+
+
+class RankProbe(L.Callback):
+    """Per rank: the dropout masks of the first training step (drawn from the model's torch generator, as
+    the network's dropout is), and `rank + 1` skipped samples reported in every training batch."""
+
+    def __init__(self, output: str) -> None:
+        self.output, self.masks = Path(output), []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == 0:
+            self.masks = torch.nn.functional.dropout(torch.ones(16), 0.5).tolist()
+        batch["skipped"] = torch.tensor([trainer.global_rank + 1], device=pl_module.device)
+
+    def on_train_end(self, trainer, pl_module):
+        path = self.output.with_name(f"{self.output.stem}.rank{trainer.global_rank}.json")
+        path.write_text(json.dumps({"masks": self.masks, "batches": trainer.num_training_batches}))
