@@ -20,6 +20,7 @@ from xception_pl import slurm
 from xception_pl.callbacks import (UNREADABLE_CHECKPOINT, AtomicCheckpointIO, CheckpointLoadError,
                                    CheckpointWriteError, unreadable_checkpoint)
 from xception_pl.module import XceptionModule
+from xception_pl.progress import ProgressBar
 
 
 class XceptionCLI(LightningCLI):
@@ -95,6 +96,8 @@ class XceptionCLI(LightningCLI):
             config["plugins"] = [*plugins, AtomicCheckpointIO()]
         # Inert outside an srun step; inside one it replaces Lightning's SIGUSR1 save-and-requeue.
         callbacks = [*callbacks, slurm.RequeueOnSignal()]
+        if config.get("enable_progress_bar") is not False:  # ours: reads metrics only on logging steps
+            callbacks.append(ProgressBar())
         return super()._instantiate_trainer(config, callbacks)
 
 
