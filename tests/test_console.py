@@ -37,6 +37,20 @@ def test_log_file_gets_one_line_per_logging_step_and_per_validation(tmp_path):
                         r"\d+:\d\d:\d\d left", steps[2]), steps[2]
     assert len([line for line in lines if line.startswith("validation at step ")]) == 2
     assert "\r" not in (tmp_path / "stdout.txt").read_text()  # no bar redraws
+    assert "Tip:" not in result.stderr  # Lightning's advertising
+    assert "LeafSpec" not in result.stderr
+    # before the first step: what the run is about to do
+    assert lines[0] == f"config: {config}"
+    assert lines[1] == "data: SyntheticDataModule, 6 classes (single-label); train 16 images; val 8 images"
+    assert lines[2].startswith("global batch: 4 per device x 1 devices x 1 nodes x 1 accumulation = 4; 4 steps per "
+                               "epoch, 8 steps in all")
+    assert lines[3] == f"run directory: {run}"
+    # after fit: where everything went
+    assert lines[-4].startswith("done: 8 steps (2 epochs) in ")
+    assert re.fullmatch(rf"best checkpoint \(val/acc1 [\d.]+\): {run}/checkpoints/epoch=\d-step=\d-acc1=[\d.]+\.ckpt",
+                        lines[-3]), lines[-3]
+    assert lines[-2] == f"last checkpoint: {run}/checkpoints/last.ckpt"
+    assert lines[-1] == f"watch it: tensorboard --logdir {run}/"
 
 
 class ScalarReads(TorchDispatchMode):

@@ -19,6 +19,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from xception_pl import slurm
 from xception_pl.callbacks import (UNREADABLE_CHECKPOINT, AtomicCheckpointIO, CheckpointLoadError,
                                    CheckpointWriteError, unreadable_checkpoint)
+from xception_pl.console import RunSummary, quiet_lightning
 from xception_pl.module import XceptionModule
 from xception_pl.progress import ProgressBar
 
@@ -26,6 +27,7 @@ from xception_pl.progress import ProgressBar
 class XceptionCLI(LightningCLI):
     def __init__(self, args: list[str] | None = None, **kwargs: Any) -> None:
         slurm.check_launch()  # a wrong SLURM launch fails here, before any process waits on another
+        quiet_lightning()
         super().__init__(
             XceptionModule,
             L.LightningDataModule,
@@ -96,6 +98,7 @@ class XceptionCLI(LightningCLI):
             config["plugins"] = [*plugins, AtomicCheckpointIO()]
         # Inert outside an srun step; inside one it replaces Lightning's SIGUSR1 save-and-requeue.
         callbacks = [*callbacks, slurm.RequeueOnSignal()]
+        callbacks.append(RunSummary([str(path) for path in self.config[self.subcommand].get("config") or []]))
         if config.get("enable_progress_bar") is not False:  # ours: reads metrics only on logging steps
             callbacks.append(ProgressBar())
         return super()._instantiate_trainer(config, callbacks)
