@@ -20,6 +20,7 @@ from xception_pl import slurm
 from xception_pl.callbacks import (UNREADABLE_CHECKPOINT, AtomicCheckpointIO, CheckpointLoadError,
                                    CheckpointWriteError, unreadable_checkpoint)
 from xception_pl.console import RunSummary, quiet_lightning
+from xception_pl.images import ImageGrids
 from xception_pl.module import XceptionModule
 from xception_pl.progress import ProgressBar
 
@@ -46,6 +47,7 @@ class XceptionCLI(LightningCLI):
         # Facts of the data, typed once: in the data config (or its manifest).
         for fact in ("num_classes", "multilabel", "train_size", "batch_size"):
             parser.link_arguments(f"data.{fact}", f"model.{fact}", apply_on="instantiate")
+        parser.add_lightning_class_args(ImageGrids, "images")  # grids in TensorBoard; --images.enabled false: off
 
     def instantiate_classes(self) -> None:
         """The data module and the model check their arguments when built: a bad value ends the run with
