@@ -100,7 +100,8 @@ class XceptionCLI(LightningCLI):
             config["plugins"] = [*plugins, AtomicCheckpointIO()]
         # Inert outside an srun step; inside one it replaces Lightning's SIGUSR1 save-and-requeue.
         callbacks = [*callbacks, slurm.RequeueOnSignal()]
-        callbacks.append(RunSummary([str(path) for path in self.config[self.subcommand].get("config") or []]))
+        parsed = self.config[self.subcommand] if self.subcommand else self.config
+        callbacks.append(RunSummary([str(path) for path in parsed.get("config") or []]))
         if config.get("enable_progress_bar") is not False:  # ours: reads metrics only on logging steps
             callbacks.append(ProgressBar())
         return super()._instantiate_trainer(config, callbacks)

@@ -7,7 +7,6 @@ import logging
 import time
 import warnings
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -73,7 +72,7 @@ def start_lines(trainer: L.Trainer, pl_module: L.LightningModule, config_files: 
                  f"nodes x {trainer.accumulate_grad_batches} accumulation = {global_batch(trainer, pl_module)}; "
                  f"{trainer.num_training_batches // trainer.accumulate_grad_batches:,} steps per epoch, "
                  f"{steps:,} steps in all (max_epochs={trainer.max_epochs}, max_steps={trainer.max_steps})")
-    lines.append(f"run directory: {Path(trainer.default_root_dir).resolve()}")
+    lines.append(f"run directory: {trainer.default_root_dir}")
     if trainer.ckpt_path:
         lines.append(f"resumed from {trainer.ckpt_path} at step {trainer.global_step}, epoch {trainer.current_epoch}")
     return lines
