@@ -21,12 +21,16 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from xception_pl import slurm
 from xception_pl.callbacks import (UNREADABLE_CHECKPOINT, AtomicCheckpointIO, CheckpointLoadError,
                                    CheckpointWriteError, unreadable_checkpoint)
+from xception_pl.console import RunSummary, quiet_lightning
+from xception_pl.images import ImageGrids
 from xception_pl.module import XceptionModule
+from xception_pl.progress import ProgressBar
 
 
 class XceptionCLI(LightningCLI):
     def __init__(self, args: list[str] | None = None, **kwargs: Any) -> None:
         slurm.check_launch()  # a wrong SLURM launch fails here, before any process waits on another
+        quiet_lightning()
         super().__init__(
             XceptionModule,
             L.LightningDataModule,
@@ -45,6 +49,7 @@ class XceptionCLI(LightningCLI):
         # Facts of the data, typed once: in the data config (or its manifest).
         for fact in DATA_FACTS:
             parser.link_arguments(f"data.{fact}", f"model.{fact}", apply_on="instantiate")
+        parser.add_lightning_class_args(ImageGrids, "images")  # grids in TensorBoard; --images.enabled false: off
 
     def instantiate_classes(self) -> None:
         """The data module and the model check their arguments when built: a bad value ends the run with
@@ -116,6 +121,10 @@ class XceptionCLI(LightningCLI):
         # Every run's callbacks, where the user gave none of the kind (theirs win): the module lists them.
         given = [*as_list(config.get("callbacks")), *callbacks]
         callbacks = [*callbacks, *self.model.run_callbacks(given), slurm.RequeueOnSignal()]
+        parsed = self.config[self.subcommand] if self.subcommand else self.config
+        callbacks.append(RunSummary([str(path) for path in parsed.get("config") or []]))
+        if config.get("enable_progress_bar") is not False:  # ours: reads metrics only on logging steps
+            callbacks.append(ProgressBar())
         return super()._instantiate_trainer(config, callbacks)
 
 
