@@ -56,6 +56,7 @@ class XceptionModule(L.LightningModule):
             0.9999 is ours (TensorFlow Inception lineage); short runs need a smaller value.
         channels_last: NHWC memory format for the network and its inputs.
         compile: torch.compile the network.
+        compile_mode: torch.compile's mode: "default", "reduce-overhead" (CUDA graphs) or "max-autotune".
         nonfinite_loss: on a NaN/inf loss, "stop" with a message naming the step and batch,
             or "skip" the batch on every rank (counted in train/skipped_nonfinite).
         map_k, map_mode, class_weights: MAP@K for multi-label data (sec. 4.4: MAP@100).
@@ -78,6 +79,7 @@ class XceptionModule(L.LightningModule):
         ema_decay: float | None = 0.9999,
         channels_last: bool = False,
         compile: bool = False,
+        compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default",
         nonfinite_loss: Literal["stop", "skip"] = "stop",
         map_k: int = 100,
         map_mode: Literal["per_class", "per_image"] = "per_class",
@@ -101,7 +103,7 @@ class XceptionModule(L.LightningModule):
         if channels_last:
             self.network.to(memory_format=torch.channels_last)
         if compile:
-            self.network.compile()
+            self.network.compile(mode=compile_mode)
         self.metrics = nn.ModuleDict({stage: self.build_metrics(stage) for stage in ("val", "test")})
         self.losses = nn.ModuleDict({stage: MeanMetric() for stage in ("val", "test")})
         self.added_callbacks: set[int] = set()  # ids of those run_callbacks gave (no references: deepcopy)
