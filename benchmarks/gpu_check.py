@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PATHS = [
     ("compile",         "imagenet", "single", ["--model.compile", "true"],                      "cuda", 240),
     ("compile-reduce-overhead", "imagenet", "single",
-     ["--model.compile", "true", "--model.compile_mode", "reduce-overhead"],                     "compile_mode", 240),
+     ["--model.compile", "true", "--model.compile_mode", "reduce-overhead"],                     "cuda", 240),
     ("bf16",            "imagenet", "single", [],                                               "", 120),
     ("fp16",            "imagenet", "single", ["--trainer.precision", "16-mixed"],              "cuda", 120),
     ("nchw",            "imagenet", "single", ["--model.channels_last", "false"],               "gpu", 120),
