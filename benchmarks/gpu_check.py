@@ -220,7 +220,10 @@ def main() -> None:
     parser.add_argument("--out", default="gpu_check.json")
     parser.add_argument("--wheels", default=".whl", help="wheels of webdataset, omegaconf, jsonargparse, ...")
     parser.add_argument("--workdir", help="shards, runs and logs (default: a temporary directory, removed)")
+    parser.add_argument("--paths", help="only these paths, comma-separated (default: all)")
+    parser.add_argument("--no-throughput", action="store_true", help="the paths only (a quick recheck)")
     args = parser.parse_args()
+    paths = [row for row in PATHS if args.paths is None or row[0] in args.paths.split(",")]
     start, budget = time.time(), dict(BUDGET_S) if args.device == "cuda" else {k: 3 * v for k, v in BUDGET_S.items()}
     site = ensure_packages(ROOT / args.wheels if not Path(args.wheels).is_absolute() else Path(args.wheels))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), site, os.environ.get("PYTHONPATH")]))}
@@ -235,13 +238,15 @@ def main() -> None:
     report["setup_s"] = round(time.time() - start, 1)
     deadline = time.time() + budget["paths"]
     with ThreadPoolExecutor(SIZES[args.device]["jobs"]) as pool:  # counts, not timings: runs may overlap
-        report["paths"] = list(pool.map(lambda row: check_path(row, shards, work, args, env, deadline), PATHS))
+        report["paths"] = list(pool.map(lambda row: check_path(row, shards, work, args, env, deadline), paths))
 
     out = work / "throughput.json"
+    if args.no_throughput:
+        budget["throughput"] = 0
     command = [sys.executable, "benchmarks/throughput.py", "--config", "configs/imagenet.yaml", "--device",
                args.device, "--out", str(out), *THROUGHPUT[args.device]]
     timeout = min(budget["throughput"], start + sum(budget.values()) - time.time())
-    code, seconds = run(command, work / "logs" / "throughput.log", timeout, env)
+    code, seconds = run(command, work / "logs" / "throughput.log", timeout, env) if timeout > 0 else (0, 0.0)
     report["throughput"] = json.loads(out.read_text()) if out.is_file() else None
     report["throughput_status"] = {"exit": code, "seconds": round(seconds, 1),
                                    "note": "" if code == 0 else f"timed out after {timeout:.0f} s" if code is None
@@ -250,8 +255,9 @@ def main() -> None:
 
     Path(args.out).write_text(json.dumps(report, indent=1, default=str))
     rows = [path_row(r) for r in report["paths"]]
-    rows += throughput_rows(report["throughput"] or {}) or [["throughput", "failed", "", report["throughput_status"]
-                                                             ["note"]]]
+    if not args.no_throughput:
+        rows += throughput_rows(report["throughput"] or {}) or [["throughput", "failed", "",
+                                                                 report["throughput_status"]["note"]]]
     if code != 0 and report["throughput"]:
         rows.append(["throughput", "failed", "", f"exit {code}: {report['throughput_status']['note']}"])
     env_line = (report["throughput"] or {}).get("environment", {})

@@ -206,3 +206,16 @@ def test_on_resume_the_configs_optimizer_and_schedule_win_and_the_change_is_said
     assert groups[0]["lr"] == pytest.approx(0.02 * 0.25)
     said = capsys.readouterr().err + caplog.text
     assert "momentum=0.5 (checkpoint: 0.9)" in said and "decay_rate=0.25 (checkpoint: 0.5)" in said
+
+
+def test_batchnorm_state_follows_the_model_when_it_is_moved():
+    from xception_pl.guard import BatchNormState
+
+    model = nn.Sequential(nn.BatchNorm1d(3))
+    state = BatchNormState(model)  # built before the move, as the module builds it before Lightning moves it
+    model.double()  # replaces the buffer tensors, as .to("cuda") does
+    state.save()
+    before = model[0].running_mean.clone()
+    model(torch.randn(8, 3, dtype=torch.float64) + 5)  # a training forward moves the statistics
+    state.restore_where(torch.ones(1))
+    assert model[0].running_mean.dtype == torch.float64 and torch.equal(model[0].running_mean, before)

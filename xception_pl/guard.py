@@ -58,19 +58,24 @@ class BatchNormState:
     """The running statistics of every BatchNorm of `model`, kept as one flat copy per dtype."""
 
     def __init__(self, model: nn.Module) -> None:
-        buffers = [b for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-                   for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
-        self.groups: dict[torch.dtype, list[Tensor]] = {}
-        for buffer in buffers:
-            self.groups.setdefault(buffer.dtype, []).append(buffer)
+        # The modules, not their buffers: moving the model to a device replaces the buffer tensors.
+        self.norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         self.saved: dict[torch.dtype, Tensor] = {}
 
+    def groups(self) -> dict[torch.dtype, list[Tensor]]:
+        groups: dict[torch.dtype, list[Tensor]] = {}
+        for m in self.norms:
+            for buffer in (m.running_mean, m.running_var, m.num_batches_tracked):
+                if buffer is not None:
+                    groups.setdefault(buffer.dtype, []).append(buffer)
+        return groups
+
     def save(self) -> None:
-        self.saved = {dtype: torch.cat([b.reshape(-1) for b in group]) for dtype, group in self.groups.items()}
+        self.saved = {dtype: torch.cat([b.reshape(-1) for b in group]) for dtype, group in self.groups().items()}
 
     def restore_where(self, found: Tensor) -> None:
         """Put the saved statistics back where `found` (a device flag) is set; no host read."""
-        for dtype, group in self.groups.items():
+        for dtype, group in self.groups().items():
             now = torch.cat([b.reshape(-1) for b in group])
             kept = torch.where(found.bool(), self.saved[dtype], now)
             torch._foreach_copy_(group, [part.view_as(b) for part, b in zip(kept.split([b.numel() for b in group]),
