@@ -185,7 +185,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"sweep {study.name}: task {args.task}/{len(study.tasks) - 1} {task.name} -> {task.run_dir}", flush=True)
         from xception_pl.cli import main as fit
 
-        return fit(["fit", *task.args])
+        sys.argv = [sys.argv[0], "fit", *task.args]  # this process is the run: its command line is the run's
+        return fit()
     if args.local:
         record(study)
         return run_local(study)
