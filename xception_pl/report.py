@@ -96,7 +96,8 @@ def read_run(run: Path, study: Path) -> Run:
     scalars, wall_time = read_events(run)
     parameters, checkpoint_step = checkpoint_facts(run)
     # A point logged at step s comes from the (s+1)-th optimizer step (train/loss 0 ... n-1 for n steps).
-    logged_steps = max((step + 1 for tag, curve in scalars.items() if tag != "train/global_batch_size"
+    # Only the module's own keys count: the throughput monitor's validate/* count validation batches.
+    logged_steps = max((step + 1 for tag, curve in scalars.items() if tag.startswith(("train/loss", "val/"))
                         for step, _ in curve), default=0)
     batch = scalars.get("train/global_batch_size")
     return Run(name=str(run.relative_to(study)), scalars=scalars, parameters=parameters,
