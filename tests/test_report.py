@@ -106,3 +106,6 @@ def test_images_per_second_is_the_median_of_the_logged_throughput():
               parameters=1234, steps=30, wall_time_s=3723.0, global_batch=8)
     _, _, row = table([run]).splitlines()
     assert row == "| a | 1,234 | 0.5000 | 0.5000 | - | 100.0 | 30 | 1:02:03 |"
+    # one device: the throughput monitor logs only the per-device key
+    run.scalars["train/device/samples_per_sec"] = run.scalars.pop("train/samples_per_sec")
+    assert table([run]).splitlines()[-1] == row

@@ -18,6 +18,7 @@ import yaml
 
 BUFFERS = ("running_mean", "running_var", "num_batches_tracked")  # BatchNorm statistics: not parameters
 Curve = list[tuple[int, float]]  # (global step, value)
+DEVICE_SPEED = "train/device/samples_per_sec"
 
 
 @dataclass
@@ -129,7 +130,8 @@ def table(runs: list[Run]) -> str:
     for run in runs:
         main = [v for _, v in run.scalars.get(metric, [])]
         other = run.scalars.get(second, [])
-        speed = [v for _, v in run.scalars.get("train/samples_per_sec", [])]
+        # all devices; on one device the throughput monitor logs only the per-device key
+        speed = [v for _, v in run.scalars.get("train/samples_per_sec") or run.scalars.get(DEVICE_SPEED, [])]
         cells = [run.name, "-" if run.parameters is None else f"{run.parameters:,}",
                  fmt(max(main) if main else None), fmt(main[-1] if main else None),
                  fmt(other[-1][1] if other else None), fmt(statistics.median(speed) if speed else None, 1),
