@@ -3,7 +3,7 @@
 # (python -m xception_pl sweep lists them) in runs/<study>/<variant>, with DDP, one task per GPU.
 #
 #   python -m xception_pl sweep configs/experiments/figure10.yaml --submit     # from the repository root
-#   python -m xception_pl sweep configs/experiments/figure10.yaml --submit --sbatch '--nodes=2 --time=48:00:00'
+#   python -m xception_pl sweep configs/experiments/figure10.yaml --submit --sbatch='--nodes=2 --time=48:00:00'
 #
 # --submit runs `sbatch --array=0-(N-1) --job-name=<study> slurm/sweep.sh STUDY.yaml ...`, N taken from the
 # study file; without --array this script stops at once and says so. Arguments after the study file go

@@ -172,7 +172,8 @@ def main(argv: list[str] | None = None) -> None:
     mode.add_argument("--task", help="run this array task (slurm/sweep.sh passes $SLURM_ARRAY_TASK_ID)")
     parser.add_argument("--base", help="replace the study's base config (e.g. configs/smoke.yaml)")
     parser.add_argument("--runs", default="runs", help="parent of the study's run directories (default: runs)")
-    parser.add_argument("--sbatch", default="", help="options for sbatch with --submit, e.g. '--time=48:00:00'")
+    parser.add_argument("--sbatch", default="",
+                        help="options for sbatch with --submit, e.g. --sbatch='--time=48:00:00' (with =)")
     args, extra = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     study = load_study(args.study, args.base, args.runs, extra)
     if args.submit:
