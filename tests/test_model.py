@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from xception_pl import Xception
-from xception_pl.model import SeparableConv2d
+from xception_pl.model import ResidualModule, SeparableConv2d
 
 PAPER_PARAMETERS = 22_855_952  # Table 3
 
@@ -183,3 +183,48 @@ def test_from_timm_rejects_bad_state_dicts():
     assert "mis-shaped (1): head.fc.weight: got (10, 2048), expected (1000, 2048)" in message
     with pytest.raises(FileNotFoundError, match="weights file .* does not exist"):
         Xception.from_timm("/nonexistent/legacy_xception.pth")
+
+
+# The four 1x1 stride-2 conv + BN shortcuts of Figure 5 (in -> out channels): entry flow 64->128,
+# 128->256, 256->728; exit flow 728->1024. The 8 middle-flow shortcuts are identities (no parameters).
+PROJECTION_SHORTCUTS = ((64, 128), (128, 256), (256, 728), (728, 1024))
+
+
+def test_without_residual_connections_only_the_shortcut_parameters_go():
+    shortcut_parameters = sum(i * o + 2 * o for i, o in PROJECTION_SHORTCUTS)  # conv weight + BN weight and bias
+    assert shortcut_parameters == 972_800 + 2 * 2_136 == 977_072
+    model = Xception(residual=False)
+    assert count(model) == PAPER_PARAMETERS - shortcut_parameters
+    # Same layer counts as Figure 5 (sec. 4.6): 2 stem convs + 34 separable convs, 12 modules, no shortcut left.
+    assert len([m for m in model.modules() if isinstance(m, SeparableConv2d)]) == 34
+    modules = [m for m in model.modules() if isinstance(m, ResidualModule)]
+    assert len(modules) == 12 and all(m.shortcut is None for m in modules)
+    assert len([m for m in model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)
+                and m.stride == (2, 2)]) == 0
+    with torch.no_grad():
+        assert model.eval()(torch.randn(1, 3, 71, 71)).shape == (1, 1000)
+
+
+def test_without_residual_connections_a_module_outputs_its_layers_alone():
+    torch.manual_seed(0)
+    plain = Xception(num_classes=10, residual=False).eval()
+    residual = Xception(num_classes=10).eval()
+    residual.load_state_dict(plain.state_dict(), strict=False)  # all but the shortcuts
+    x = torch.randn(1, 728, 19, 19)
+    with torch.no_grad():
+        alone = plain.middle_flow[0].layers(x)
+        torch.testing.assert_close(plain.middle_flow[0](x), alone)
+        torch.testing.assert_close(residual.middle_flow[0](x), alone + x)  # identity shortcut
+    model = Xception(num_classes=10, residual=False, fc_layers=(32,))
+    model(torch.randn(2, 3, 71, 71)).sum().backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0] == []
+
+
+def test_ablation_switches_combine():
+    model = Xception(residual=False, intermediate_activation="elu", spatial_segments=4)
+    separable = [m for m in model.modules() if isinstance(m, SeparableConv2d)]
+    depthwise = sum(9 * m.depthwise.in_channels for m in separable)
+    segmented = sum(9 * m.depthwise.in_channels * m.depthwise.in_channels // 4 for m in separable)
+    shortcuts = sum(i * o + 2 * o for i, o in PROJECTION_SHORTCUTS)
+    assert count(model) == PAPER_PARAMETERS - shortcuts - depthwise + segmented
+    assert all(isinstance(m.activation, nn.ELU) for m in separable)

@@ -1,4 +1,5 @@
-"""`python -m xception_pl {fit,validate,test,predict} ...` trains; `python -m xception_pl shards ...` writes shards."""
+"""`python -m xception_pl {fit,validate,test,predict} ...` trains; `shards` writes shards; `sweep` runs a study
+of configs/experiments/; `report` tabulates and plots its runs."""
 
 import sys
 
@@ -9,6 +10,14 @@ def main(args: list[str] | None = None) -> None:
         from xception_pl.data.writer import main as write_shards
 
         write_shards(argv[1:])
+    elif argv[:1] == ["sweep"]:
+        from xception_pl.sweep import main as sweep
+
+        sweep(argv[1:])
+    elif argv[:1] == ["report"]:
+        from xception_pl.report import main as report
+
+        report(argv[1:])
     else:
         from xception_pl.cli import main as train
 

@@ -92,9 +92,13 @@ class SeparableConv2d(nn.Module):
 
 
 class ResidualModule(nn.Module):
-    """One row of ENTRY_FLOW / MIDDLE_FLOW / EXIT_FLOW. No ReLU after the residual sum (Figure 5)."""
+    """One row of ENTRY_FLOW / MIDDLE_FLOW / EXIT_FLOW. No ReLU after the residual sum (Figure 5).
 
-    def __init__(self, spec: ModuleSpec, norm: partial, pool: PoolPadding, **separable) -> None:
+    `residual=False` drops the shortcut (identity or 1x1 conv + BN): the non-residual network of
+    sec. 4.6 / Figure 9, with the same separable convs, BN and pooling.
+    """
+
+    def __init__(self, spec: ModuleSpec, norm: partial, pool: PoolPadding, residual: bool = True, **separable) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         in_channels = spec.in_channels
@@ -107,13 +111,17 @@ class ResidualModule(nn.Module):
         if spec.stride == 2:
             layers.append(POOLS[pool]())
         self.layers = nn.Sequential(*layers)
-        if spec.stride == 1 and spec.in_channels == in_channels:
-            self.shortcut: nn.Module = nn.Identity()
+        if not residual:
+            self.shortcut: nn.Module | None = None
+        elif spec.stride == 1 and spec.in_channels == in_channels:
+            self.shortcut = nn.Identity()
         else:
             conv = nn.Conv2d(spec.in_channels, in_channels, 1, stride=spec.stride, bias=False)
             self.shortcut = nn.Sequential(OrderedDict(conv=conv, bn=norm(in_channels)))
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.shortcut is None:
+            return self.layers(x)
         return self.layers(x) + self.shortcut(x)
 
 
@@ -137,6 +145,8 @@ class Xception(nn.Module):
         spatial_segments: channel segments of each separable conv's 3x3 spatial conv; None =
             one per channel (Xception); 1 = regular conv (sec. 3, Figure 4). Must divide 8,
             the largest number dividing every separable conv's input width.
+        residual: shortcut connections around each of the 12 residual modules (Figure 5); False
+            drops them (identity and 1x1 conv + BN alike) for the ablation of sec. 4.6, Figure 9.
         pool_padding: "same" is the TensorFlow/Keras padding the paper's network was trained
             with; "symmetric" pads 1 on every side, as timm's port of the Keras weights does.
     """
@@ -151,6 +161,7 @@ class Xception(nn.Module):
         bn_momentum: float = 0.01,
         intermediate_activation: IntermediateActivation = "none",
         spatial_segments: int | None = None,
+        residual: bool = True,
         pool_padding: PoolPadding = "same",
     ) -> None:
         super().__init__()
@@ -170,21 +181,21 @@ class Xception(nn.Module):
         separable = dict(segments=spatial_segments, activation=intermediate_activation)
         if pool_padding not in POOLS:
             raise ValueError(f"pool_padding={pool_padding!r}: choose one of {sorted(POOLS)}")
-        residual = partial(ResidualModule, norm=norm, pool=pool_padding, **separable)
+        module = partial(ResidualModule, norm=norm, pool=pool_padding, residual=residual, **separable)
 
         (stem1, stride1), (stem2, stride2) = STEM
         self.entry_flow = nn.Sequential(
             conv_bn_relu(nn.Conv2d(in_channels, stem1, 3, stride=stride1, bias=False), norm(stem1)),
             conv_bn_relu(nn.Conv2d(stem1, stem2, 3, stride=stride2, bias=False), norm(stem2)),
-            *(residual(spec) for spec in ENTRY_FLOW),
+            *(module(spec) for spec in ENTRY_FLOW),
         )
-        self.middle_flow = nn.Sequential(*(residual(spec) for spec in MIDDLE_FLOW))
+        self.middle_flow = nn.Sequential(*(module(spec) for spec in MIDDLE_FLOW))
         exit_convs = []
         in_channels = EXIT_FLOW[-1].widths[-1]
         for width in EXIT_CONVS:
             exit_convs.append(conv_bn_relu(SeparableConv2d(in_channels, width, **separable), norm(width)))
             in_channels = width
-        self.exit_flow = nn.Sequential(*(residual(spec) for spec in EXIT_FLOW), *exit_convs)
+        self.exit_flow = nn.Sequential(*(module(spec) for spec in EXIT_FLOW), *exit_convs)
 
         hidden: list[nn.Module] = []
         for width in fc_layers:
