@@ -1,4 +1,5 @@
-"""`python -m xception_pl {fit,validate,test,predict} ...` trains; `python -m xception_pl shards ...` writes shards."""
+"""`python -m xception_pl {fit,validate,test,predict} ...` trains; `python -m xception_pl shards ...` writes shards;
+`python -m xception_pl export ...` exports a checkpoint."""
 
 import sys
 
@@ -9,6 +10,10 @@ def main(args: list[str] | None = None) -> None:
         from xception_pl.data.writer import main as write_shards
 
         write_shards(argv[1:])
+    elif argv[:1] == ["export"]:
+        from xception_pl.export import main as export
+
+        export(argv[1:])
     else:
         from xception_pl.cli import main as train
 
