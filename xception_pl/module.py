@@ -16,6 +16,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from xception_pl.callbacks import ImagesPerSecond, LastCheckpoint
 from xception_pl.metrics import MeanAveragePrecisionAtK, TopLabelAccuracy
 from xception_pl.model import Xception
+from xception_pl.per_class import per_class_metrics
 from xception_pl.pretrained import FreezeBackbone, load_pretrained, param_groups, scale_lrs
 from xception_pl.schedules import SampleStepDecay
 
@@ -214,6 +215,7 @@ class XceptionModule(L.LightningModule):
                             filename=name, auto_insert_metric_name=False),
             LastCheckpoint(every_n_train_steps=self.hparams.checkpoint_every_n_steps),
             ImagesPerSecond(),
+            *per_class_metrics(self.trainer),  # per-class accuracy, confusion matrix
         ]
         if self.hparams.ema_decay is not None:
             callbacks.append(EMAWeightAveraging(decay=self.hparams.ema_decay))
