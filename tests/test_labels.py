@@ -112,7 +112,7 @@ def test_a_class_in_val_absent_from_train_is_refused(tmp_path):
 
 def test_fit_refuses_train_and_val_with_different_class_names(tmp_path, capsys):
     train = imagenet_train(tmp_path)
-    for synset in SYNSETS[1:] + ["n02000000"]:  # val written without --classes: its own ids
+    for synset in SYNSETS[1:] + ["n02000000"]:  # val written without --classes: 3 classes, other ids
         (tmp_path / "val" / synset).mkdir(parents=True)
         (tmp_path / "val" / synset / "a.JPEG").write_bytes(jpeg())
     shards("--source", str(tmp_path / "val"), "--output", str(tmp_path / "val_shards"))

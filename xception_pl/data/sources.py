@@ -81,17 +81,17 @@ def dataset_facts(sets: dict[str, ShardSet], num_classes: int | None,
     for name, shard_set in sets.items():
         if shard_set.manifest is None:
             continue
-        names = shard_set.manifest.get("class_names")
-        if names is not None and class_names is not None and names != class_names:
-            raise ValueError(class_names_differ(named_by, class_names, name, names))
-        if names is not None and class_names is None:
-            class_names, named_by = names, name
         for fact, value in facts.items():
             found = shard_set.manifest[fact]
             if value is not None and found != value:
                 raise ValueError(f"{fact}={value} (an argument or another split's manifest) disagrees with "
                                  f"{fact}={found} in the {MANIFEST} of {name}; drop the argument or fix the paths")
             facts[fact] = found
+        names = shard_set.manifest.get("class_names")
+        if names is not None and class_names is not None and names != class_names:
+            raise ValueError(class_names_differ(named_by, class_names, name, names))
+        if names is not None and class_names is None:
+            class_names, named_by = names, name
     for fact, value in facts.items():
         if value is None:
             raise ValueError(f"{fact} is unknown: no {MANIFEST} beside the shards; pass {fact}=... explicitly")
