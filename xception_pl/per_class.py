@@ -1,7 +1,7 @@
 """Per-class validation results for single-label runs: accuracy per class and a confusion matrix.
 
-At each validation end: `val/acc1_per_class/<class name>` scalars and (up to MAX_MATRIX_CLASSES)
-a `val/confusion_matrix` image (row: true class, column: predicted, rows normalised) in TensorBoard,
+At each validation end: `val_per_class/acc1/<class name>` scalars and (up to MAX_MATRIX_CLASSES)
+a `val_per_class/confusion_matrix` image (row: true class, column: predicted, rows normalised) in TensorBoard,
 and optionally a JSON file, written atomically:
 
     python -m xception_pl validate --config CONFIG --ckpt_path CKPT \
@@ -83,9 +83,9 @@ class PerClassMetrics(L.Callback):
         names = getattr(trainer.datamodule, "class_names", None) or [str(i) for i in range(len(accuracy))]
         step = trainer.global_step
         for logger in trainer.loggers:
-            logger.log_metrics({f"val/acc1_per_class/{n}": a for n, a in zip(names, accuracy.tolist())}, step=step)
+            logger.log_metrics({f"val_per_class/acc1/{n}": a for n, a in zip(names, accuracy.tolist())}, step=step)
             if len(names) <= MAX_MATRIX_CLASSES and hasattr(logger.experiment, "add_image"):
-                logger.experiment.add_image("val/confusion_matrix", matrix_image(confusion), step)
+                logger.experiment.add_image("val_per_class/confusion_matrix", matrix_image(confusion), step)
         if self.output is not None:
             result = {"step": step, "class_names": names, "accuracy": accuracy.tolist(),
                       "confusion_matrix": confusion.tolist()}
