@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import lightning as L
 import pytest
 import timm
 import torch
@@ -115,3 +116,24 @@ def test_a_multilabel_checkpoint_given_as_ckpt_path_names_pretrained():
     module = XceptionModule(num_classes=10)
     with pytest.raises(ValueError, match="multilabel=True .* pass it as --model.pretrained instead of --ckpt_path"):
         module.on_load_checkpoint({"hyper_parameters": {"num_classes": 10, "multilabel": True}})
+
+
+def test_backbone_is_frozen_for_its_samples_then_trains(tmp_path):
+    from tests.helpers import tiny_data, tiny_module, tiny_trainer
+
+    data = tiny_data(batch_size=4)
+    module = tiny_module(data, freeze_backbone_samples=8)  # two steps of 4 samples frozen, then free
+    snapshots = []
+
+    class Snapshot(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            snapshots.append({k: v.clone() for k, v in pl_module.network.state_dict().items()})
+
+    start = {k: v.clone() for k, v in module.network.state_dict().items()}
+    tiny_trainer(tmp_path, max_steps=3, callbacks=[Snapshot()], limit_val_batches=0).fit(module, data)
+    backbone = [k for k in start if not k.startswith("head.")]
+    for frozen in snapshots[:2]:  # weights and BatchNorm statistics untouched; the head learns
+        assert all(torch.equal(frozen[k], start[k]) for k in backbone)
+        assert not torch.equal(frozen["head.fc.weight"], start["head.fc.weight"])
+    assert not torch.equal(snapshots[2]["entry_flow.0.conv.weight"], start["entry_flow.0.conv.weight"])
+    assert not torch.equal(snapshots[2]["entry_flow.0.bn.running_mean"], start["entry_flow.0.bn.running_mean"])
