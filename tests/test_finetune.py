@@ -94,6 +94,10 @@ def test_backbone_lr_scale_lowers_only_the_backbone_lr():
         in_head = {id(p) in head for p in group["params"]}
         assert len(in_head) == 1 and group["lr"] == pytest.approx(0.2 if in_head == {True} else 0.02)
     assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(module.network.parameters()))
+    for scale in (1.0, 0.1):  # every parameter in exactly one group, decayed only when it is a matrix
+        groups = param_groups(module.network, 0.0, scale)
+        assert sorted(id(p) for g in groups for p in g["params"]) == sorted(id(p) for p in module.network.parameters())
+        assert all(all(p.ndim > 1 for p in g["params"]) or all(p.ndim <= 1 for p in g["params"]) for g in groups)
 
 
 @pytest.mark.parametrize("content, message", [

@@ -83,8 +83,8 @@ def param_groups(network: nn.Module, weight_decay: float, backbone_lr_scale: flo
     params = [p for p in network.parameters() if p.requires_grad]
     backbone = {id(p) for p in backbone_parameters(network)} if backbone_lr_scale != 1.0 else set()
     groups = []
-    for decay in (weight_decay, 0.0):
-        chosen = [p for p in params if (p.ndim > 1) == (decay == weight_decay)]
+    for matrices, decay in ((True, weight_decay), (False, 0.0)):
+        chosen = [p for p in params if (p.ndim > 1) == matrices]
         for scale in (backbone_lr_scale, 1.0) if backbone else (1.0,):
             part = [p for p in chosen if (id(p) in backbone) == (scale != 1.0)] if backbone else chosen
             if part:
