@@ -15,13 +15,15 @@ from torch.utils.data import DataLoader, Dataset
 
 from xception_pl.data.labels import IMAGE_SUFFIXES, images_under
 from xception_pl.data.samples import SKIP_REASONS, Skip, decode, image_size
-from xception_pl.data.sources import MANIFEST
+from xception_pl.data.sources import MANIFEST, is_remote
 
 GLOB_CHARS = "*?["
 
 
 def image_files(spec: str) -> list[str] | None:
     """The image files `spec` names: a folder without a manifest.json, a glob, or one image; None for shards."""
+    if is_remote(spec):  # a URL's "?" is not a glob
+        return None
     path = Path(spec).expanduser()
     if any(c in spec for c in GLOB_CHARS):
         files = sorted(p for p in glob.glob(str(path), recursive=True)
