@@ -1,5 +1,5 @@
 """`python -m xception_pl {fit,validate,test,predict} ...` trains; `shards` writes shards; `sweep` runs a study
-of configs/experiments/; `report` tabulates and plots its runs."""
+of configs/experiments/; `report` tabulates and plots its runs; `export` exports a checkpoint."""
 
 import sys
 
@@ -18,6 +18,10 @@ def main(args: list[str] | None = None) -> None:
         from xception_pl.report import main as report
 
         report(argv[1:])
+    elif argv[:1] == ["export"]:
+        from xception_pl.export import main as export
+
+        export(argv[1:])
     else:
         from xception_pl.cli import main as train
 

@@ -24,6 +24,8 @@ from xception_pl.ema import PolyakAveraging
 from xception_pl.guard import BatchNormState, found_nonfinite, poison, skips_on_device, zero_momentum_buffers
 from xception_pl.metrics import MeanAveragePrecisionAtK, TopLabelAccuracy
 from xception_pl.model import Xception
+from xception_pl.per_class import PerClassMetrics
+from xception_pl.pretrained import FreezeBackbone, load_pretrained, param_groups, scale_lrs
 from xception_pl.schedules import SampleStepDecay
 
 log = logging.getLogger(__name__)
@@ -63,6 +65,10 @@ class XceptionModule(L.LightningModule):
         predict_top_k: classes and probabilities returned per image by predict.
         save_top_k: best checkpoints kept by val/acc1 (val/map100 for multi-label).
         checkpoint_every_n_steps: also save `last.ckpt` every n optimizer steps (long epochs).
+        pretrained: start a fit from these weights (xception_pl.pretrained): one of our checkpoints
+            (its Polyak weights) or timm's legacy_xception file; a resumed fit ignores it.
+        freeze_backbone_samples: only the head trains for this many samples (ours; fine-tuning).
+        backbone_lr_scale: the backbone's lr is the optimizer's lr times this (ours; fine-tuning).
     """
 
     def __init__(
@@ -87,6 +93,9 @@ class XceptionModule(L.LightningModule):
         predict_top_k: int = 5,
         save_top_k: int = 3,
         checkpoint_every_n_steps: int | None = None,
+        pretrained: str | None = None,
+        freeze_backbone_samples: int = 0,
+        backbone_lr_scale: float = 1.0,
     ) -> None:
         super().__init__()
         if num_classes < 2:
@@ -260,11 +269,10 @@ class XceptionModule(L.LightningModule):
         return {"key": batch.get("key"), "classes": classes, "probs": probs}
 
     def configure_optimizers(self) -> Any:
-        params = [p for p in self.network.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": self.hparams.weight_decay},
-                  {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]  # BN and biases
+        groups = param_groups(self.network, self.hparams.weight_decay, self.hparams.backbone_lr_scale)
         try:
             optimizer = self.optimizer(groups)
+            scale_lrs(optimizer)
         except (ValueError, TypeError) as error:
             raise ValueError(f"model.optimizer: {error}. Fix model.optimizer.init_args in the config "
                              "(lr must be positive, momentum in [0, 1)).") from error
@@ -294,10 +302,14 @@ class XceptionModule(L.LightningModule):
             "last.ckpt": (LastCheckpoint(every_n_train_steps=self.hparams.checkpoint_every_n_steps),
                           lambda c: isinstance(c, LastCheckpoint) or getattr(c, "save_last", None)),
             "images/s": (ImagesPerSecond(), lambda c: isinstance(c, (ImagesPerSecond, ThroughputMonitor))),
+            "per-class results": (PerClassMetrics(), lambda c: isinstance(c, PerClassMetrics)),
         }
         if self.hparams.ema_decay is not None:
             ours["Polyak averaging"] = (PolyakAveraging(self.hparams.ema_decay, reference_batch=self.hparams.batch_size),
                                         lambda c: isinstance(c, WeightAveraging))
+        if self.hparams.freeze_backbone_samples > 0:
+            ours["frozen backbone"] = (FreezeBackbone(self.hparams.freeze_backbone_samples),
+                                       lambda c: isinstance(c, FreezeBackbone))
         callbacks = []
         for what, (callback, same_kind) in ours.items():
             present = [c for c in given if same_kind(c) and not is_lightning_default(c)]
@@ -317,6 +329,8 @@ class XceptionModule(L.LightningModule):
             # Each rank its own dropout masks (and GPU-side augmentation); seed_everything gave all the same.
             # The data stream has its own seeds (seed, epoch, rank, worker).
             torch.manual_seed(int(os.environ.get("PL_GLOBAL_SEED", 0)) + self.trainer.global_rank)
+        if stage == "fit" and self.hparams.pretrained:  # a resumed fit then loads its checkpoint over these
+            load_pretrained(self.network, self.hparams.pretrained)
 
     def on_train_start(self) -> None:
         self.batchnorm_state.save()
@@ -357,7 +371,8 @@ class XceptionModule(L.LightningModule):
             if key in saved and saved[key] != self.hparams[key]:
                 raise ValueError(
                     f"the checkpoint was trained with {key}={saved[key]} but the data gives {key}={self.hparams[key]}: "
-                    "point --ckpt_path at a checkpoint of this dataset, or use the dataset it was trained on")
+                    "point --ckpt_path at a checkpoint of this dataset, or use the dataset it was trained on; to "
+                    "start a new run from its weights, pass it as --model.pretrained instead of --ckpt_path")
 
 
 class Shared:

@@ -17,6 +17,7 @@ from xception_pl.data import transforms
 from xception_pl.slurm import ignore_sigusr1_in_worker
 from xception_pl.data.batch_crop import PerImage, RandomResizedCropFlip, ResizeCenterCrop
 from xception_pl.data.device_decode import BatchTransform, DecodeOnDevice
+from xception_pl.data.images import image_files, image_loader
 from xception_pl.data.pipeline import EpochLoader, EpochSeed, carry_skips, eval_pipeline, rank_shards, train_pipeline
 from xception_pl.data.samples import DecodeSamples, SkipCounter
 from xception_pl.data.sources import ShardSet, dataset_facts, resolve
@@ -57,7 +58,8 @@ class WebDatasetDataModule(L.LightningDataModule):
             or a URL / `pipe:` command with braces (e.g. `pipe:aws s3 cp s3://b/train-{000000..000099}.tar -`).
         val: validation shards, as `train`.
         test: test shards, as `train`.
-        predict: shards to predict (labels optional), as `train`.
+        predict: shards to predict (labels optional), as `train`; or plain images: a folder (searched
+            recursively), a glob, or one image file (xception_pl.data.images).
         train_size: training samples per epoch; default: the manifest's count (required without one).
         val_size: validation samples (informational); default: the manifest's count.
         test_size: test samples; default: the manifest's count.
@@ -118,9 +120,12 @@ class WebDatasetDataModule(L.LightningDataModule):
             raise ValueError(f"need batch_size >= 1 and num_workers >= 0, got {batch_size} and {num_workers}")
         splits = {"train": (train, train_size), "val": (val, val_size), "test": (test, test_size),
                   "predict": (predict, predict_size)}
+        self.images = image_files(predict) if predict is not None else None  # plain images to predict
+        if self.images is not None:
+            del splits["predict"]
         self.shards: dict[str, ShardSet] = {
             name: resolve(spec, size, name) for name, (spec, size) in splits.items() if spec is not None}
-        if not self.shards:
+        if not self.shards and self.images is None:
             raise ValueError("no data given: pass train=... and/or val=..., test=..., predict=...")
         self.num_classes, self.multilabel, self.class_names = dataset_facts(self.shards, num_classes, multilabel)
         self.train_size = self.shards["train"].size if "train" in self.shards else None
@@ -229,7 +234,10 @@ class WebDatasetDataModule(L.LightningDataModule):
     def test_dataloader(self) -> wds.WebLoader:
         return self.eval_dataloader("test")
 
-    def predict_dataloader(self) -> wds.WebLoader:
+    def predict_dataloader(self) -> wds.WebLoader | torch.utils.data.DataLoader:
+        if self.images is not None:
+            return image_loader(self.images, self.eval_transform, self.max_image_pixels, self.batch_size,
+                                **self.loader_args())
         return self.eval_dataloader("predict")
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:

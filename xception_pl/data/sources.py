@@ -77,18 +77,33 @@ def dataset_facts(sets: dict[str, ShardSet], num_classes: int | None,
                   multilabel: bool | None) -> tuple[int, bool, list[str] | None]:
     """(num_classes, multilabel, class_names) from the manifests, checked against each other and the args."""
     facts: dict[str, Any] = {"num_classes": num_classes, "multilabel": multilabel}
-    class_names = None
+    class_names, named_by = None, None
     for name, shard_set in sets.items():
         if shard_set.manifest is None:
             continue
-        class_names = class_names or shard_set.manifest.get("class_names")
         for fact, value in facts.items():
             found = shard_set.manifest[fact]
             if value is not None and found != value:
                 raise ValueError(f"{fact}={value} (an argument or another split's manifest) disagrees with "
                                  f"{fact}={found} in the {MANIFEST} of {name}; drop the argument or fix the paths")
             facts[fact] = found
+        names = shard_set.manifest.get("class_names")
+        if names is not None and class_names is not None and names != class_names:
+            raise ValueError(class_names_differ(named_by, class_names, name, names))
+        if names is not None and class_names is None:
+            class_names, named_by = names, name
     for fact, value in facts.items():
         if value is None:
             raise ValueError(f"{fact} is unknown: no {MANIFEST} beside the shards; pass {fact}=... explicitly")
     return facts["num_classes"], facts["multilabel"], class_names
+
+
+def class_names_differ(first: str, first_names: list[str], second: str, second_names: list[str]) -> str:
+    """One line naming the first class id whose name differs between two splits' manifests."""
+    i = next((i for i, (a, b) in enumerate(zip(first_names, second_names)) if a != b),
+             min(len(first_names), len(second_names)))
+    a = first_names[i] if i < len(first_names) else "(none)"
+    b = second_names[i] if i < len(second_names) else "(none)"
+    return (f"the {MANIFEST} of {first} and {second} name different classes: class id {i} is {a!r} in {first} but "
+            f"{b!r} in {second} ({len(first_names)} vs {len(second_names)} classes). Rewrite {second}'s shards with "
+            f"`--classes <{first} dir>/{MANIFEST}` so the ids agree")

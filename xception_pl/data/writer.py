@@ -1,6 +1,6 @@
-"""Shard writer: an image folder tree or a JSON-lines label file -> shuffled tar shards + manifest.json.
+"""Shard writer: image folders and label files (xception_pl.data.labels) -> shuffled tar shards + manifest.json.
 
-    python -m xception_pl shards --source DIR_OR_JSONL --output DIR [--shard_size 1000] [--shuffle_seed 0]
+    python -m xception_pl shards --source DIR_OR_JSONL --output DIR [--labels CSV] [--classes FILE]
 
 Original JPEG bytes are stored unchanged; other formats, and images larger than max_side, are
 re-encoded as JPEG quality 95. Shards are written under a temporary name and renamed when complete;
@@ -28,21 +28,10 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
+from xception_pl.data.labels import csv_items, folder_items, read_classes, sample_key
 from xception_pl.data.sources import MANIFEST
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 Item = tuple[str, str, Any]  # (key, path, label: int or list[int])
-
-
-def folder_items(root: Path) -> tuple[list[Item], list[str]]:
-    """ImageNet layout: one subfolder per class; class ids in sorted folder order."""
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if not classes:
-        raise ValueError(f"--source {root}: no class subfolders (expected ImageNet layout: SRC/<class>/<image>)")
-    items = [(sample_key(path.relative_to(root)), str(path), label)
-             for label, name in enumerate(classes) for path in sorted((root / name).rglob("*"))
-             if path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")]
-    return items, classes
 
 
 def jsonl_items(path: Path, num_classes: int | None) -> tuple[list[Item], int]:
@@ -62,11 +51,6 @@ def jsonl_items(path: Path, num_classes: int | None) -> tuple[list[Item], int]:
     if num_classes is not None and top >= num_classes:
         raise ValueError(f"{path}: label {top} >= num_classes={num_classes}; raise --num_classes or fix the labels")
     return items, num_classes if num_classes is not None else top + 1
-
-
-def sample_key(relative: Path) -> str:
-    # webdataset splits a member name at the first dot of its base name: no dots in keys
-    return re.sub(r"[^A-Za-z0-9_/-]", "_", relative.with_suffix("").as_posix()).lstrip("_/") or "sample"
 
 
 def load(item: Item, max_side: int | None, max_image_pixels: int) -> tuple[Item, bytes | None, str | None]:
@@ -150,6 +134,8 @@ def write_shards(
     max_image_pixels: int = 89_478_485,
     prefix: str | None = None,
     num_classes: int | None = None,
+    labels: str | None = None,
+    classes: str | None = None,
     class_names: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
@@ -157,8 +143,9 @@ def write_shards(
     """Write shuffled WebDataset shards and their manifest.json; returns the manifest.
 
     Args:
-        source: an image folder tree (one subfolder per class, ImageNet layout) or a JSON-lines file
-            of {"path": ..., "labels": [...]} (multi-label, paths relative to the file's folder).
+        source: an image folder tree (one subfolder per class, ImageNet layout), a flat image folder
+            with `labels`, or a JSON-lines file of {"path": ..., "labels": [...]} (multi-label, paths
+            relative to the file's folder).
         output: directory for the shards and manifest.json.
         shard_size: at most this many samples per shard (more, smaller shards: more readers).
         shard_bytes: at most this many bytes per shard (one oversized sample still gets a shard).
@@ -168,18 +155,27 @@ def write_shards(
         max_side: re-encode images whose larger side exceeds this, resized to it (None: never).
         max_image_pixels: images with more pixels are left out (decompression-bomb guard).
         prefix: shard names are `<prefix>-000000.tar`...; default: the output directory's name.
-        num_classes: JSON-lines only: number of classes (default: largest label + 1).
+        num_classes: labels given as ids: number of classes (default: largest label + 1).
+        labels: a CSV label file for a flat `source` folder: `path,label` rows (label a class name or
+            id, path relative to `source`), or ILSVRC2012's LOC_val_solution.csv as published.
+        classes: fixes the class ids: another split's manifest.json, or a text file of class names one
+            a line (default: sorted class folder or label names). Give val the train manifest.
         class_names: JSON-lines only: a text file with one class name per line, in class-id order.
         overwrite: replace the shards of an existing manifest in `output`.
         progress: show a progress bar with images/s.
     """
     src, out = Path(source).expanduser(), Path(output).expanduser()
-    if src.is_dir():
-        items, names = folder_items(src)
-        multilabel, classes = False, len(names)
+    if labels and not src.is_dir():
+        raise ValueError(f"--labels {labels} needs --source to be the folder of the images it names")
+    if src.is_dir() and labels:
+        items, names, count = csv_items(src, labels, classes, num_classes)
+        multilabel = False
+    elif src.is_dir():
+        items, names = folder_items(src, classes)
+        multilabel, count = False, len(names)
     elif src.is_file():
-        items, classes = jsonl_items(src, num_classes)
-        names = Path(class_names).read_text().splitlines() if class_names else None
+        names = read_classes(classes or class_names) if classes or class_names else None
+        items, count = jsonl_items(src, num_classes if num_classes is not None or names is None else len(names))
         multilabel = True
     else:
         raise FileNotFoundError(f"--source {source} does not exist (give an image folder tree or a .jsonl file)")
@@ -213,7 +209,7 @@ def write_shards(
         "format": "xception_pl.shards/1",
         "shards": shards.done,
         "num_samples": sum(s["count"] for s in shards.done),
-        "num_classes": classes,
+        "num_classes": count,
         "class_names": names,
         "multilabel": multilabel,
         "skipped": {"count": len(skipped),
