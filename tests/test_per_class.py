@@ -37,7 +37,7 @@ def test_validation_logs_per_class_accuracy_and_a_confusion_matrix_and_validate_
     assert sum(per_class) / 3 == pytest.approx(logged["val/acc1"][-1][1], abs=1e-6)
     events = EventAccumulator(str(tmp_path / "run"))
     events.Reload()
-    assert events.Tags()["images"] == ["val_per_class/confusion_matrix"]
+    assert "val_per_class/confusion_matrix" in events.Tags()["images"]  # beside the image grids (images/)
 
     output = tmp_path / "per_class.json"
     main(["validate", *ARGS, *data, "--trainer.default_root_dir", str(tmp_path / "validate"),
