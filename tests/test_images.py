@@ -51,4 +51,4 @@ def test_images_enabled_false_turns_them_off_from_the_command_line(tmp_path):
     run = tmp_path / "run"
     main(["fit", "--config", str(write_config(tmp_path / "c.yaml", run)), "--images.enabled", "false"])
     assert "train/loss" in scalars(run)
-    assert images(run) == {}
+    assert {t: g for t, g in images(run).items() if t.startswith("images/")} == {}  # the grids; per-class results stay
