@@ -23,3 +23,18 @@ class RankProbe(L.Callback):
     def on_train_end(self, trainer, pl_module):
         path = self.output.with_name(f"{self.output.stem}.rank{trainer.global_rank}.json")
         path.write_text(json.dumps({"masks": self.masks, "batches": trainer.num_training_batches}))
+
+
+class SlowSteps(L.Callback):
+    """Each training step takes at least `seconds`; rank 0 touches `marker` after step `after` (a signal sent
+    then lands in the middle of an epoch)."""
+
+    def __init__(self, marker: str, seconds: float = 0.3, after: int = 3) -> None:
+        self.marker, self.seconds, self.after = Path(marker), seconds, after
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        import time
+
+        time.sleep(self.seconds)
+        if trainer.is_global_zero and trainer.global_step == self.after:
+            self.marker.touch()

@@ -237,7 +237,7 @@ def test_forked_children_of_a_training_task_ignore_sigusr1():
         import os, signal
         from xception_pl import slurm
         signal.signal(signal.SIGUSR1, lambda *args: None)  # the training process's handler
-        slurm.ignore_sigusr1_in_forked_children()
+        slurm.ignore_stop_signals_in_forked_children()
         pid = os.fork()
         if pid == 0:
             os._exit(0 if signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN else 1)

@@ -219,3 +219,21 @@ def test_batchnorm_state_follows_the_model_when_it_is_moved():
     model(torch.randn(8, 3, dtype=torch.float64) + 5)  # a training forward moves the statistics
     state.restore_where(torch.ones(1))
     assert model[0].running_mean.dtype == torch.float64 and torch.equal(model[0].running_mean, before)
+
+
+def test_every_val_point_in_tensorboard_is_at_a_step_where_validation_ran(tmp_path):
+    from tests.helpers import scalars
+
+    data, validated = tiny_data(image_size=32), set()
+
+    class Steps(L.Callback):
+        def on_validation_epoch_end(self, trainer, pl_module):
+            validated.add(trainer.global_step)
+
+    tiny_trainer(tmp_path, max_epochs=2, callbacks=[Steps()]).fit(tiny_module(data, network=TinyNetwork), data)
+    curves = {tag: [step for step, _ in points] for tag, points in scalars(tmp_path).items() if tag.startswith("val/")}
+    assert curves and validated == {4, 8}
+    # Lightning files a validation after global step g under step g - 1; no other point, in particular none at
+    # step 0 holding the final value (what log_hyperparams(params, metrics) used to write)
+    assert all(steps == [3, 7] for steps in curves.values()), curves
+    assert (tmp_path / "hparams.yaml").is_file()

@@ -48,7 +48,7 @@ def check_launch() -> None:
         # Lightning compares devices/num_nodes with SLURM's counts only inside trainer.fit, as a ValueError
         # traceback per rank; ours says the same in one line with the fix.
         SLURMEnvironment.validate_settings = validate_settings  # type: ignore[method-assign]
-        ignore_sigusr1_in_forked_children()
+        ignore_stop_signals_in_forked_children()
 
 
 def launch_error(env: Mapping[str, str]) -> str | None:
@@ -100,21 +100,23 @@ def validate_settings(self: SLURMEnvironment, num_devices: int, num_nodes: int) 
                          "and --trainer.num_nodes $SLURM_JOB_NUM_NODES; do not override them.") from None
 
 
-def ignore_sigusr1_in_worker(worker_id: int = 0) -> None:
-    """A DataLoader worker_init_fn: SIGUSR1 is for the training process (it saves and requeues); SLURM
-    signals every process of the step, and a worker would run a copy of that handler, or die of it."""
+def ignore_stop_signals_in_worker(worker_id: int = 0) -> None:
+    """A DataLoader worker_init_fn: SIGUSR1 and SIGTERM are for the training process (it saves, then exits or
+    requeues); SLURM signals every process of the step and torchrun or Kubernetes a whole process group, and a
+    worker would run a copy of the handler, or die of it and take the training process down with it."""
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 _at_fork_registered = False
 
 
-def ignore_sigusr1_in_forked_children() -> None:
-    """Forked workers (DataLoader's default start method) ignore SIGUSR1 from birth; spawned ones need
-    `ignore_sigusr1_in_worker` as worker_init_fn."""
+def ignore_stop_signals_in_forked_children() -> None:
+    """Under srun, forked children (DataLoader workers by default) ignore SIGUSR1 from birth, before their
+    worker_init_fn (`ignore_stop_signals_in_worker`) runs. Not SIGTERM: it would outlive exec in a subprocess."""
     global _at_fork_registered
     if not _at_fork_registered:
-        os.register_at_fork(after_in_child=ignore_sigusr1_in_worker)
+        os.register_at_fork(after_in_child=lambda: signal.signal(signal.SIGUSR1, signal.SIG_IGN))
         _at_fork_registered = True
 
 

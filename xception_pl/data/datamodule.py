@@ -14,7 +14,7 @@ from lightning.pytorch.loops.progress import _ProcessedTracker
 from lightning.pytorch.trainer.states import TrainerFn
 
 from xception_pl.data import transforms
-from xception_pl.slurm import ignore_sigusr1_in_worker
+from xception_pl.slurm import ignore_stop_signals_in_worker
 from xception_pl.data.batch_crop import PerImage, RandomResizedCropFlip, ResizeCenterCrop
 from xception_pl.data.device_decode import BatchTransform, DecodeOnDevice
 from xception_pl.data.images import image_files, image_loader
@@ -181,7 +181,7 @@ class WebDatasetDataModule(L.LightningDataModule):
         if num_workers > 0:
             args.update(persistent_workers=self.persistent_workers, prefetch_factor=self.prefetch_factor,
                         multiprocessing_context=self.multiprocessing_context,
-                        worker_init_fn=ignore_sigusr1_in_worker)  # SLURM's SIGUSR1 is for the trainer
+                        worker_init_fn=ignore_stop_signals_in_worker)  # SIGUSR1 and SIGTERM are for the trainer
         return args
 
     def next_pass(self) -> tuple[int, int]:
