@@ -237,3 +237,33 @@ def test_every_val_point_in_tensorboard_is_at_a_step_where_validation_ran(tmp_pa
     # step 0 holding the final value (what log_hyperparams(params, metrics) used to write)
     assert all(steps == [3, 7] for steps in curves.values()), curves
     assert (tmp_path / "hparams.yaml").is_file()
+
+
+def test_the_jft_recipe_runs_unchanged_on_a_small_multilabel_set(tmp_path):
+    # val_check_interval 20000 counts optimizer steps across epochs (check_val_every_n_epoch: null), so a data
+    # set with fewer batches per epoch is no error
+    main(["fit", "--config", "configs/jft.yaml", "--data", "xception_pl.data.synthetic.SyntheticDataModule",
+          "--data.init_args.multilabel", "true", "--data.init_args.train_size", "8", "--data.init_args.batch_size", "4",
+          "--data.init_args.image_size", "32", "--model.network", "tests.crash.TinyNetwork",
+          "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.strategy", "auto",
+          "--trainer.max_steps", "3", "--trainer.default_root_dir", str(tmp_path / "run")])
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+
+
+def test_the_polyak_horizon_counts_samples_not_steps():
+    from xception_pl.ema import PolyakAveraging
+
+    def weight_of_the_start(global_batch: int, samples: int) -> float:
+        """What is left of the initial average after `samples`, updating once per global batch."""
+        ema, left = PolyakAveraging(decay=0.99, reference_batch=4), 1.0
+        while ema.samples < samples:
+            left *= ema.step_decay(global_batch)
+            ema.samples += global_batch
+        return left
+
+    one, two = weight_of_the_start(4, 400), weight_of_the_start(8, 400)  # 1 device, then 2
+    assert one == pytest.approx(two, rel=0.05)  # the same horizon in samples (warm-up steps differ slightly)
+    assert weight_of_the_start(4, 800) < 0.8 * one  # it does decay
+    ema = PolyakAveraging(decay=0.99, reference_batch=4)
+    ema.samples = 10**6  # past the warm-up: exactly decay ** (global batch / reference batch) per step
+    assert ema.step_decay(8) == pytest.approx(0.99**2, rel=1e-12) and ema.step_decay(4) == pytest.approx(0.99)
