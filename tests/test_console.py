@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 import yaml
@@ -81,7 +82,12 @@ def counting(bar_class: type) -> TQDMProgressBar:
 def test_progress_bar_reads_metrics_only_on_logging_steps(tmp_path, bar_class):
     data = tiny_data(train_size=24)  # 6 steps, logged at steps 3 and 6
     bar = counting(bar_class)
-    tiny_trainer(tmp_path, enable_progress_bar=True, callbacks=[bar], log_every_n_steps=3,
+
+    class ShowsLoss(L.Callback):  # a value on the bar, as users log them (prog_bar=True, every step)
+        def on_train_batch_end(self, trainer, pl_module, outputs, *args):
+            pl_module.log("shown", outputs["loss"], prog_bar=True)
+
+    tiny_trainer(tmp_path, enable_progress_bar=True, callbacks=[ShowsLoss(), bar], log_every_n_steps=3,
                  limit_val_batches=0).fit(tiny_module(data), datamodule=data)
     assert [logs for logs, _ in bar.reads] == [False, False, True] * 2
     quiet_steps = [count for logs, count in bar.reads if not logs]
@@ -89,7 +95,7 @@ def test_progress_bar_reads_metrics_only_on_logging_steps(tmp_path, bar_class):
     assert all(logging_steps)  # the counter sees the reads the bar makes
     if bar_class is ProgressBar:
         assert quiet_steps == [0, 0, 0, 0]
-    else:  # Lightning's own bar reads its metrics on every step
+    else:  # Lightning's own bar reads its metrics on every step (a training value logged with prog_bar)
         assert all(quiet_steps)
 
 

@@ -17,6 +17,9 @@ import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
 
 
+TRAIN_SHOWN = ("train/loss", "train/lr")
+
+
 class ProgressBar(TQDMProgressBar):
     """Lightning's TQDMProgressBar that reads metrics only on logging steps; with `log_file` (default:
     stdout is not a terminal, e.g. a SLURM output file) no bar at all, but a line every
@@ -33,7 +36,10 @@ class ProgressBar(TQDMProgressBar):
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         if self.may_read:
-            self.metrics = super().get_metrics(trainer, pl_module)
+            # The module logs the training values without prog_bar (Lightning would turn them into numbers
+            # on every step): they are read here, from the callback metrics, when a step logs.
+            shown = {k: float(v) for k, v in trainer.callback_metrics.items() if k in TRAIN_SHOWN}
+            self.metrics = {**super().get_metrics(trainer, pl_module), **shown}
         return self.metrics  # on other steps: the values of the last logging step
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
