@@ -181,8 +181,9 @@ class XceptionModule(L.LightningModule):
         self.counts["first_nonfinite_step"].masked_fill_(first, self.global_step)
         self.counts["first_nonfinite_batch"].masked_fill_(first, batch_idx)
         self.counts["nonfinite_losses"] += bad
-        if logs_this_step(self.trainer):
+        if logs_this_step(self.trainer):  # the lr of this step (the schedule moves on before the batch ends)
             self.log("train/loss", loss)
+            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return poison(loss)  # a non-finite loss makes every gradient NaN, on every rank: see guard.py
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
@@ -205,7 +206,6 @@ class XceptionModule(L.LightningModule):
     def on_train_batch_end(self, outputs: Any, batch: Batch, batch_idx: int) -> None:
         if not logs_this_step(self.trainer):
             return  # everything below reads the device or the other ranks: logging steps only
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         self.log("train/skipped_nonfinite", self.counts["skipped_steps"].float())
         if self.hparams.nonfinite_loss == "stop":
             self.stop_on_nonfinite_loss()
