@@ -318,7 +318,10 @@ class ScriptedScore(XceptionModule):
     SCORES = (0.2, 0.6, 0.4, 0.8, 0.1, 0.7)
 
     def validation_step(self, batch, batch_idx):
-        self.log("val/acc1", self.SCORES[self.current_epoch], on_epoch=True)
+        pass
+
+    def on_validation_epoch_end(self):  # where the module logs its validation metrics
+        self.log("val/acc1", self.SCORES[self.current_epoch])
 
 
 def test_best_k_bookkeeping_survives_a_restart(tmp_path):

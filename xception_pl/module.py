@@ -202,13 +202,13 @@ class XceptionModule(L.LightningModule):
         elif not found.item():  # an optimizer that cannot skip on the device: one host read per step
             optimizer.step(closure=lambda: loss)
         self.batchnorm_state.save()
+        if self.hparams.nonfinite_loss == "stop" and logs_this_step(self.trainer):
+            self.stop_on_nonfinite_loss()  # before any callback of this step (a checkpoint) runs
 
     def on_train_batch_end(self, outputs: Any, batch: Batch, batch_idx: int) -> None:
         if not logs_this_step(self.trainer):
             return  # everything below reads the device or the other ranks: logging steps only
         self.log("train/skipped_nonfinite", self.counts["skipped_steps"].float())
-        if self.hparams.nonfinite_loss == "stop":
-            self.stop_on_nonfinite_loss()
 
     def stop_on_nonfinite_loss(self) -> None:
         """Raised at the first logging step after a NaN/inf loss on any rank (the step itself was skipped on
@@ -362,6 +362,8 @@ class XceptionModule(L.LightningModule):
             log_hyperparameters(self.logger, self.hparams, final)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.hparams.nonfinite_loss == "stop" and self._trainer is not None and self.trainer.training:
+            self.stop_on_nonfinite_loss()  # no checkpoint after a non-finite loss (every rank dumps: collective ok)
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         checkpoint["class_names"] = getattr(datamodule, "class_names", None)
 
