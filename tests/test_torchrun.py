@@ -22,6 +22,7 @@ def command(tmp_path: Path, *extra: str) -> list[str]:
             "-m", "xception_pl", "fit", "--config", "configs/smoke.yaml",
             "--data", "xception_pl.data.synthetic.SyntheticDataModule", "--data.init_args.image_size", "32",
             "--data.init_args.train_size", "64", "--data.init_args.batch_size", "2",
+            "--data.init_args.num_workers", "0",  # torchrun signals the process group: workers die of SIGTERM
             "--model.network", "tests.crash.TinyNetwork", "--trainer.accelerator", "cpu", "--trainer.devices", "2",
             "--trainer.strategy", "ddp", "--trainer.max_steps", str(MAX_STEPS), "--trainer.max_epochs", "1",
             "--trainer.log_every_n_steps", "2", "--trainer.limit_val_batches", "0",

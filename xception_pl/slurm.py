@@ -101,13 +101,10 @@ def validate_settings(self: SLURMEnvironment, num_devices: int, num_nodes: int) 
 
 
 def ignore_stop_signals_in_worker(worker_id: int = 0) -> None:
-    """A DataLoader worker_init_fn: stop signals are for the training process (it saves, then exits or
-    requeues). SLURM signals every process of the step with SIGUSR1: ignored here. torchrun (and a shell)
-    signal the trainer's whole process group with SIGTERM: the worker leaves that group, so a preempted run
-    keeps its data until it has saved. (Ignoring SIGTERM instead would hang the exit: multiprocessing stops
-    its daemon workers with SIGTERM and waits for them.)"""
+    """A DataLoader worker_init_fn: SIGUSR1 is for the training process (it saves and requeues); SLURM signals
+    every process of the step, and a worker would run a copy of that handler, or die of it. (Not SIGTERM:
+    multiprocessing stops its daemon workers with SIGTERM at exit and waits for them.)"""
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    os.setpgid(0, 0)
 
 
 _at_fork_registered = False
