@@ -408,6 +408,8 @@ def log_hyperparameters(logger: Logger, params: Any, final: dict[str, float]) ->
 
         flat = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in flatten(dict(params)).items()}
         writer = logger.experiment._get_file_writer()
+        if writer is None:  # not rank 0: its experiment is a stand-in without a file
+            return
         for summary in hparams(flat, final):
             writer.add_summary(summary)
 
