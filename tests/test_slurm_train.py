@@ -42,7 +42,7 @@ def cpu_config(job_dir: Path, demo_root: Path, multilabel: bool, max_steps: int,
     """What turns the GPU recipes into a short CPU run; given after configs/<recipe>.yaml on the command line."""
     config = {
         "trainer": {"accelerator": "cpu", "precision": "32-true", "max_steps": max_steps, "limit_val_batches": 1,
-                    "val_check_interval": 1.0, "log_every_n_steps": 1, "num_sanity_val_steps": 0,
+                    "val_check_interval": 1.0, "check_val_every_n_epoch": 1, "log_every_n_steps": 1, "num_sanity_val_steps": 0,
                     "enable_progress_bar": False, "enable_model_summary": False},
         "model": {"ema_decay": 0.5, "channels_last": False},
         "data": {"class_path": "xception_pl.data.DemoDataModule",
