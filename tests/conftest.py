@@ -16,3 +16,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip_slow)
         if "cuda" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_cuda)
+
+
+LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK", "GROUP_RANK",
+                    "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def launch_environment_untouched():
+    """A test (or the code under it) that leaves e.g. RANK=1 in this process's environment makes every
+    later subprocess think it is rank 1 of an external launch: it logs nothing and its DDP hangs."""
+    import os
+
+    before = {name: os.environ.get(name) for name in LAUNCH_VARIABLES}
+    yield
+    after = {name: os.environ.get(name) for name in LAUNCH_VARIABLES}
+    assert after == before, f"the test changed the launch environment: {before} -> {after}"

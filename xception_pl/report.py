@@ -51,7 +51,8 @@ def read_events(run: Path) -> tuple[dict[str, Curve], float]:
 
     Files are read in the order they were started (a resumed run opens a new one): a later file's points
     replace the earlier ones from its first step on. Within a file, a point at a step lower than one
-    already logged is Lightning's copy of the final metrics for the HPARAMS tab (logged at step 0): dropped.
+    already logged is Lightning's copy of the final metrics for the HPARAMS tab, at step 0, which runs of
+    earlier versions have: dropped.
     """
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

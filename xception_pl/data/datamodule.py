@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import warnings
 from typing import Any, Literal
 
@@ -147,9 +146,6 @@ class WebDatasetDataModule(L.LightningDataModule):
             self.rank, self.world_size = self.trainer.global_rank, self.trainer.world_size
         elif dist.is_available() and dist.is_initialized():
             self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        # Our stages take the rank explicitly; these cover webdataset's own lookups, which inside
-        # spawned workers (and under srun, which sets neither) would otherwise see rank 0 of 1.
-        os.environ["RANK"], os.environ["WORLD_SIZE"] = str(self.rank), str(self.world_size)
         device = self.trainer.strategy.root_device if self.trainer is not None else None
         if self.decode_device == "cuda" and device is not None and device.type != "cuda":
             raise ValueError("decode_device='cuda' needs a CUDA trainer; set decode_device=cpu")
