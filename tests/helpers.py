@@ -8,7 +8,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from xception_pl.callbacks import AtomicCheckpointIO
+from xception_pl.checkpointing import AtomicCheckpointIO
 from xception_pl.data.synthetic import SyntheticDataModule
 from xception_pl.module import XceptionModule
 from xception_pl.schedules import SampleStepDecay
@@ -26,7 +26,7 @@ def tiny_module(data: SyntheticDataModule, **kwargs: Any) -> XceptionModule:
         num_classes=data.num_classes, multilabel=data.multilabel, train_size=data.train_size,
         batch_size=data.batch_size, ema_decay=0.5,
         optimizer=lambda params: torch.optim.SGD(params, lr=0.01, momentum=0.9),
-        lr_scheduler=lambda opt: SampleStepDecay(opt, decay_rate=0.5, decay_every_samples=8),
+        lr_scheduler=lambda opt, samples: SampleStepDecay(opt, samples, decay_rate=0.5, decay_every_samples=8),
     )
     return XceptionModule(**{**defaults, **kwargs})
 

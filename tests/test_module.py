@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.helpers import IMAGE, tiny_data, tiny_module, tiny_trainer
+from tests.helpers import tiny_data, tiny_module, tiny_trainer
 from xception_pl.inception import InceptionV3
 from xception_pl.module import XceptionModule
 

@@ -20,7 +20,7 @@ def test_multilabel_fit_raises_map100_above_its_initial_value(tmp_path):
         num_classes=data.num_classes, multilabel=True, train_size=data.train_size, batch_size=data.batch_size,
         ema_decay=0.5, network=lambda n: __import__("xception_pl").Xception(n, bn_momentum=0.3),
         optimizer=lambda params: torch.optim.SGD(params, lr=0.02, momentum=0.9),
-        lr_scheduler=lambda opt: SampleStepDecay(opt, decay_rate=0.9, decay_every_samples=3_000_000),  # sec. 4.2
+        lr_scheduler=lambda opt, samples: SampleStepDecay(opt, samples, decay_rate=0.9, decay_every_samples=3_000_000),  # sec. 4.2
     )
     initial = tiny_trainer(tmp_path / "init").validate(copy.deepcopy(module), data)[0]["val/map100"]
     trainer = tiny_trainer(tmp_path / "run", max_epochs=3)

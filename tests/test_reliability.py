@@ -22,8 +22,8 @@ from tests.crash import HOOKS, TinyNetwork, run_cli
 from tests.helpers import IMAGE, scalars, tiny_data, tiny_module, tiny_trainer
 from tests.test_data_helpers import shards
 from xception_pl import callbacks
-from xception_pl.callbacks import AtomicCheckpointIO
-from xception_pl.cli import main, newest_checkpoint
+from xception_pl.checkpointing import AtomicCheckpointIO, newest_checkpoint
+from xception_pl.cli import main
 from xception_pl.data import WebDatasetDataModule, make_demo_data
 from xception_pl.module import XceptionModule
 

@@ -52,7 +52,7 @@ def test_report_has_a_row_and_a_curve_per_run(study, tmp_path):
         hours, minutes, seconds = map(int, row[7].split(":"))
         assert 0 < hours * 3600 + minutes * 60 + seconds < 3600
     for png in ("val_acc1.png", "train_loss.png"):
-        assert f"![" in (out / "report.md").read_text() and f"({png})" in (out / "report.md").read_text()
+        assert "![" in (out / "report.md").read_text() and f"({png})" in (out / "report.md").read_text()
         with Image.open(out / png) as image:
             assert image.format == "PNG" and image.size == (768, 504)
 

@@ -6,15 +6,14 @@ import pytest
 import torch
 from timm.optim import RMSpropTF
 
-from xception_pl.schedules import SampleStepDecay
+from xception_pl.schedules import SampleCounts, SampleStepDecay
 
 EPOCH = 12_811  # a small training set (ImageNet / 100) keeps the loops short
 
 
 def lr_after(steps: int, per_device_batch: int, world_size: int, **schedule) -> float:
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.045)
-    scheduler = SampleStepDecay(optimizer, **schedule)
-    scheduler.configure(samples_per_step=per_device_batch * world_size, samples_per_epoch=EPOCH)
+    scheduler = SampleStepDecay(optimizer, SampleCounts(per_device_batch * world_size, EPOCH), **schedule)
     for _ in range(steps):
         optimizer.step()
         scheduler.step()
@@ -46,16 +45,15 @@ def test_jft_schedule_decays_every_3m_samples(world_size):
 def test_resume_on_another_world_size_keeps_the_sample_count():
     parameter = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([parameter], lr=1.0)
-    scheduler = SampleStepDecay(optimizer, decay_rate=0.5, decay_every_samples=1000)
-    scheduler.configure(samples_per_step=2 * 100, samples_per_epoch=None)  # 2 devices x 100
+    scheduler = SampleStepDecay(optimizer, SampleCounts(2 * 100), decay_rate=0.5, decay_every_samples=1000)  # 2 x 100
     for _ in range(4):
         scheduler.step()
     state = scheduler.state_dict()
     assert state["samples_seen"] == 800 and "samples_per_step" not in state
 
-    resumed = SampleStepDecay(torch.optim.SGD([parameter], lr=1.0), decay_rate=0.5, decay_every_samples=1000)
+    resumed = SampleStepDecay(torch.optim.SGD([parameter], lr=1.0), SampleCounts(8 * 100),  # now 8 devices
+                              decay_rate=0.5, decay_every_samples=1000)
     resumed.load_state_dict(state)
-    resumed.configure(samples_per_step=8 * 100, samples_per_epoch=None)  # now 8 devices
     resumed.step()
     assert resumed.samples_seen == 1600
     assert resumed.get_last_lr() == [0.5]
@@ -76,14 +74,20 @@ def test_linear_warmup_is_ours_and_off_by_default():
 def test_bad_schedule_arguments_are_rejected(kwargs, message):
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     with pytest.raises(ValueError, match=message):
-        SampleStepDecay(optimizer, **kwargs)
+        SampleStepDecay(optimizer, SampleCounts(32, EPOCH), **kwargs)
 
 
 def test_epoch_decay_needs_the_training_set_size():
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
-    scheduler = SampleStepDecay(optimizer, decay_rate=0.94, decay_every_epochs=2)
     with pytest.raises(ValueError, match="needs the training set size"):
-        scheduler.configure(samples_per_step=32, samples_per_epoch=None)
+        SampleStepDecay(optimizer, SampleCounts(32, per_epoch=None), decay_rate=0.94, decay_every_epochs=2)
+
+
+def test_a_schedule_without_its_sample_counts_is_refused():
+    """It would never decay: the counts are a required argument, given by the module when it builds it."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    with pytest.raises(TypeError, match="samples"):
+        SampleStepDecay(optimizer, decay_rate=0.9, decay_every_samples=10)
 
 
 def test_rmsprop_is_tensorflows():

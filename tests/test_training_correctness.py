@@ -18,6 +18,7 @@ from xception_pl.cli import XceptionCLI, main
 from xception_pl.metrics import MeanAveragePrecisionAtK
 from xception_pl.model import Xception
 from xception_pl.module import XceptionModule
+from xception_pl.schedules import SampleCounts
 
 fused_sgd = {"optimizer": lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9, fused=True)}
 
@@ -162,7 +163,7 @@ def test_a_checkpoint_rebuilds_its_network_optimizer_and_schedule_without_argume
     assert {k.removeprefix("network.") for k in saved["state_dict"]} == set(module.network.state_dict())
     optimizer = module.optimizer(module.parameters())
     assert type(optimizer) is torch.optim.SGD and optimizer.defaults["lr"] == 0.01
-    assert module.lr_scheduler(optimizer).decay_rate == 0.5
+    assert module.lr_scheduler(optimizer, SampleCounts(4)).decay_rate == 0.5
 
 
 def test_a_users_callbacks_win_over_ours(tmp_path, caplog):

@@ -15,16 +15,16 @@ import lightning as L
 import torch
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.plugins.io import CheckpointIO
 
 from xception_pl import slurm
-from xception_pl.callbacks import (UNREADABLE_CHECKPOINT, AtomicCheckpointIO, CheckpointLoadError,
-                                   CheckpointWriteError, unreadable_checkpoint)
-from xception_pl.console import RunSummary, quiet_lightning
+from xception_pl.checkpointing import (UNREADABLE_CHECKPOINT, CheckpointLoadError,
+                                       CheckpointWriteError, missing_checkpoint, newest_checkpoint,
+                                       unreadable_checkpoint)
+from xception_pl.console import quiet_lightning
+from xception_pl.facts import DATA_FACTS
 from xception_pl.images import ImageGrids
 from xception_pl.module import XceptionModule
-from xception_pl.progress import ProgressBar
+from xception_pl.wiring import cli_additions
 
 
 class XceptionCLI(LightningCLI):
@@ -46,7 +46,7 @@ class XceptionCLI(LightningCLI):
         )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        # Facts of the data, typed once: in the data config (or its manifest).
+        # Facts of the data (xception_pl.facts.DataFacts), typed once: in the data config (or its manifest).
         for fact in DATA_FACTS:
             parser.link_arguments(f"data.{fact}", f"model.{fact}", apply_on="instantiate")
         parser.add_lightning_class_args(ImageGrids, "images")  # grids in TensorBoard; --images.enabled false: off
@@ -109,30 +109,12 @@ class XceptionCLI(LightningCLI):
         if taken:
             self.config = self.parser.parse_object({subcommand: {"model": taken}}, self.config)
 
-    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> L.Trainer:
-        root = config.get("default_root_dir") or "."
-        if config.get("logger") in (None, True):
-            # The run directory itself holds the event files (no version_N subfolders), so a resumed
-            # run keeps logging into the same place and checkpoints land in <root>/checkpoints.
-            config["logger"] = TensorBoardLogger(save_dir=root, name="", version="", default_hp_metric=False)
-        plugins = as_list(config.get("plugins"))
-        if not any(isinstance(p, CheckpointIO) for p in plugins):
-            config["plugins"] = [*plugins, AtomicCheckpointIO()]
-        # Every run's callbacks, where the user gave none of the kind (theirs win): the module lists them.
-        given = [*as_list(config.get("callbacks")), *callbacks]
-        callbacks = [*callbacks, *self.model.run_callbacks(given), slurm.RequeueOnSignal()]
-        parsed = self.config[self.subcommand] if self.subcommand else self.config
-        callbacks.append(RunSummary([str(path) for path in parsed.get("config") or []]))
-        if config.get("enable_progress_bar") is not False:  # ours: reads metrics only on logging steps
-            callbacks.append(ProgressBar())
-        return super()._instantiate_trainer(config, callbacks)
-
-
-DATA_FACTS = ("num_classes", "multilabel", "train_size", "batch_size")
-
-
-def as_list(value: Any) -> list[Any]:
-    return [] if value is None else value if isinstance(value, list) else [value]
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        """The trainer of the config, with what every run gets (xception_pl.wiring lists it all)."""
+        parsed, init = ((self.config[self.subcommand], self.config_init[self.subcommand]) if self.subcommand
+                        else (self.config, self.config_init))
+        config_files = [str(path) for path in parsed.get("config") or []]
+        return super().instantiate_trainer(**cli_additions(init.get("trainer", {}), self.model, config_files), **kwargs)
 
 
 def plain(value: Any) -> Any:
@@ -148,23 +130,11 @@ def plain(value: Any) -> Any:
     return value
 
 
-def newest_checkpoint(root: Path) -> Path | None:
-    """The newest of <root>/checkpoints/last*.ckpt and the <root>/hpc_ckpt_*.ckpt that Lightning
-    writes when SLURM signals a job before its time limit."""
-    candidates = [*root.glob("hpc_ckpt_*.ckpt"), *(root / "checkpoints").glob("last*.ckpt")]
-    return max(candidates, key=lambda p: p.stat().st_mtime, default=None)
-
-
 def last_frame(error: BaseException) -> FrameType:
     tb = error.__traceback__
     while tb.tb_next is not None:
         tb = tb.tb_next
     return tb.tb_frame
-
-
-def missing_checkpoint(ckpt_path: str | None) -> bool:
-    special = ckpt_path in (None, "last", "best", "hpc", "registry") or "://" in str(ckpt_path)
-    return not special and not Path(ckpt_path).is_file()
 
 
 def main(args: list[str] | None = None) -> None:

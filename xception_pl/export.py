@@ -13,7 +13,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -22,7 +21,7 @@ import torch
 import yaml
 from torch import Tensor, nn
 
-from xception_pl.callbacks import UNREADABLE_CHECKPOINT, unreadable_checkpoint
+from xception_pl.checkpointing import UNREADABLE_CHECKPOINT, atomic_path, unreadable_checkpoint, write_atomically
 
 Format = Literal["safetensors", "torch_export", "onnx"]
 TOLERANCE = {"safetensors": 0.0, "torch_export": 1e-4, "onnx": 1e-3}  # max |logit difference| (ours)
@@ -142,8 +141,7 @@ def export(ckpt_path: str, output: str, formats: list[Format] | None = None, ima
     written = {}
     for name in formats:
         path = base.with_name(base.name + SUFFIX[name])
-        tmp = path.with_name(f".{path.name}.tmp")
-        try:
+        with atomic_path(path) as tmp:
             if name == "safetensors":
                 run = write_safetensors(network, tmp, meta)
             elif name == "torch_export":
@@ -153,12 +151,9 @@ def export(ckpt_path: str, output: str, formats: list[Format] | None = None, ima
             if run is not None:
                 with torch.no_grad():
                     check(name, run(sample), expected)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
         written[name] = str(path)
     sidecar = base.with_name(base.name + ".json")
-    sidecar.write_text(json.dumps({**meta, "files": written}, indent=1))
+    write_atomically(sidecar, json.dumps({**meta, "files": written}, indent=1))
     return written
 
 

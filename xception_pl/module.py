@@ -9,24 +9,21 @@ from typing import Any, Callable, Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import ModelCheckpoint, ThroughputMonitor, WeightAveraging
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.distributed import ReduceOp
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from xception_pl.callbacks import ImagesPerSecond, LastCheckpoint, logs_this_step
-from xception_pl.ema import PolyakAveraging
+from xception_pl.callbacks import logs_this_step
 from xception_pl.guard import BatchNormState, found_nonfinite, poison, skips_on_device, zero_momentum_buffers
 from xception_pl.metrics import MeanAveragePrecisionAtK, TopLabelAccuracy
 from xception_pl.model import Xception
-from xception_pl.per_class import PerClassMetrics
-from xception_pl.pretrained import FreezeBackbone, load_pretrained, param_groups, scale_lrs
-from xception_pl.schedules import SampleStepDecay
+from xception_pl.pretrained import load_pretrained, param_groups, scale_lrs
+from xception_pl.schedules import SampleCounts, SampleScheduleCallable
+from xception_pl.wiring import module_callbacks
 
 log = logging.getLogger(__name__)
 COUNTS = ("nonfinite_losses", "first_nonfinite_step", "first_nonfinite_batch", "skipped_steps",
@@ -49,7 +46,8 @@ class XceptionModule(L.LightningModule):
         network: the backbone, given num_classes: Xception (default) or
             xception_pl.inception.InceptionV3, the paper's baseline (sec. 4.3).
         optimizer: SGD momentum 0.9 (ImageNet) or timm's RMSpropTF (JFT) (sec. 4.2).
-        lr_scheduler: e.g. xception_pl.schedules.SampleStepDecay, stepped every optimizer step.
+        lr_scheduler: a schedule counted in samples (xception_pl.schedules.SampleStepDecay), stepped every
+            optimizer step; built with the run's SampleCounts (global batch, training set size).
         weight_decay: L2 rate 1e-5 (sec. 4.2) on conv and linear weights; BatchNorm parameters
             and biases are not decayed (ours). Replaces any weight_decay given to the optimizer.
         label_smoothing: single-label only; 0 as the paper.
@@ -79,7 +77,7 @@ class XceptionModule(L.LightningModule):
         batch_size: int = 32,
         network: NetworkCallable = Xception,
         optimizer: OptimizerCallable = torch.optim.SGD,
-        lr_scheduler: LRSchedulerCallable | None = None,
+        lr_scheduler: SampleScheduleCallable | None = None,
         weight_decay: float = 1e-5,
         label_smoothing: float = 0.0,
         ema_decay: float | None = 0.9999,
@@ -115,7 +113,7 @@ class XceptionModule(L.LightningModule):
             self.network.compile(mode=compile_mode)
         self.metrics = nn.ModuleDict({stage: self.build_metrics(stage) for stage in ("val", "test")})
         self.losses = nn.ModuleDict({stage: MeanMetric() for stage in ("val", "test")})
-        self.added_callbacks: set[int] = set()  # ids of those run_callbacks gave (no references: deepcopy)
+        self.added_callbacks: set[int] = set()  # ids of those module_callbacks gave (no references: deepcopy)
         self.batchnorm_state = BatchNormState(self.network)
         self.step_kept: Tensor | None = None  # 0-dim float on the device: 0.0 if the last step was skipped
         # Counters of this run, on the device (moved by _apply): the host reads them on logging steps only.
@@ -140,7 +138,7 @@ class XceptionModule(L.LightningModule):
         return self.factories.value["optimizer"]
 
     @property
-    def lr_scheduler(self) -> LRSchedulerCallable | None:
+    def lr_scheduler(self) -> SampleScheduleCallable | None:
         return self.factories.value["lr_scheduler"]
 
     @property
@@ -284,45 +282,13 @@ class XceptionModule(L.LightningModule):
                         type(optimizer).__name__)
         if self.lr_scheduler is None:
             return optimizer
-        scheduler = self.lr_scheduler(optimizer)
-        if isinstance(scheduler, SampleStepDecay):
-            scheduler.configure(self.global_batch_size, self.hparams.train_size,
-                                skipped_steps=lambda: int(self.counts["skipped_steps"].item()))
+        samples = SampleCounts(self.global_batch_size, self.hparams.train_size,
+                               skipped_steps=lambda: int(self.counts["skipped_steps"].item()))
+        scheduler = self.lr_scheduler(optimizer, samples)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def run_callbacks(self, given: list[L.Callback]) -> list[L.Callback]:
-        """The callbacks every run gets, except those of a kind the user already gave (theirs win; said once)."""
-        metric = self.main_metric
-        name = "epoch={epoch}-step={step}-" + metric.split("/")[1] + "={" + metric + ":.4f}"
-        ours: dict[str, tuple[L.Callback, Callable[[L.Callback], bool]]] = {
-            "best-k checkpoints": (
-                ModelCheckpoint(monitor=metric, mode="max", save_top_k=self.hparams.save_top_k, filename=name,
-                                auto_insert_metric_name=False),
-                lambda c: isinstance(c, ModelCheckpoint) and not isinstance(c, LastCheckpoint)),
-            "last.ckpt": (LastCheckpoint(every_n_train_steps=self.hparams.checkpoint_every_n_steps),
-                          lambda c: isinstance(c, LastCheckpoint) or getattr(c, "save_last", None)),
-            "images/s": (ImagesPerSecond(), lambda c: isinstance(c, (ImagesPerSecond, ThroughputMonitor))),
-            "per-class results": (PerClassMetrics(), lambda c: isinstance(c, PerClassMetrics)),
-        }
-        if self.hparams.ema_decay is not None:
-            ours["Polyak averaging"] = (PolyakAveraging(self.hparams.ema_decay, reference_batch=self.hparams.batch_size),
-                                        lambda c: isinstance(c, WeightAveraging))
-        if self.hparams.freeze_backbone_samples > 0:
-            ours["frozen backbone"] = (FreezeBackbone(self.hparams.freeze_backbone_samples),
-                                       lambda c: isinstance(c, FreezeBackbone))
-        callbacks = []
-        for what, (callback, same_kind) in ours.items():
-            present = [c for c in given if same_kind(c) and not is_lightning_default(c)]
-            theirs = [c for c in present if id(c) not in self.added_callbacks]
-            if theirs:
-                rank_zero_info(f"{what}: using {type(theirs[0]).__name__} from the trainer's callbacks, not ours")
-            elif not present:
-                callbacks.append(callback)
-        self.added_callbacks |= {id(c) for c in callbacks}
-        return callbacks
-
     def configure_callbacks(self) -> list[L.Callback]:
-        return self.run_callbacks(self.trainer.callbacks)  # the CLI has added them already: then none
+        return module_callbacks(self, self.trainer.callbacks)  # the CLI has added them already: then none
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.trainer.world_size > 1:
@@ -387,12 +353,6 @@ class Shared:
 
     def __deepcopy__(self, memo: dict) -> "Shared":
         return self
-
-
-def is_lightning_default(callback: L.Callback) -> bool:
-    """The ModelCheckpoint a Trainer adds by itself (enable_checkpointing) when given none."""
-    return (type(callback) is ModelCheckpoint and callback.monitor is None and callback.dirpath is None
-            and callback.filename is None and not callback.save_last)
 
 
 def log_hyperparameters(logger: Logger, params: Any, final: dict[str, float]) -> None:

@@ -14,7 +14,6 @@ once, at the end; training steps are untouched.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,8 @@ import lightning as L
 import torch
 from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
+
+from xception_pl.checkpointing import write_atomically
 
 MAX_MATRIX_CLASSES = 100  # a larger matrix image is unreadable (ours)
 CELL_PIXELS = 400  # the image's side is about this many pixels (ours)
@@ -90,13 +91,4 @@ class PerClassMetrics(L.Callback):
             result = {"step": step, "class_names": names, "accuracy": accuracy.tolist(),
                       "confusion_matrix": confusion.tolist()}
             self.output.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.output.with_name(f".{self.output.name}.tmp")
-            tmp.write_text(json.dumps(result))
-            os.replace(tmp, self.output)
-
-
-def per_class_metrics(trainer: L.Trainer | None) -> list[L.Callback]:
-    """The module's default PerClassMetrics, unless the trainer has one (e.g. with an output file): Lightning
-    lets a module's callback replace the trainer's of the same type."""
-    given = trainer is not None and any(isinstance(c, PerClassMetrics) for c in trainer.callbacks)
-    return [] if given else [PerClassMetrics()]
+            write_atomically(self.output, json.dumps(result))

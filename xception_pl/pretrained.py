@@ -20,7 +20,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from xception_pl.callbacks import CheckpointLoadError
+from xception_pl.checkpointing import CheckpointLoadError
 from xception_pl.timm_weights import read_state_dict, timm_to_ours
 
 HEAD = "head."  # the classifier (and optional FC layers) of Xception: may be re-initialised

@@ -117,6 +117,8 @@ def epoch(trainer: L.Trainer) -> str:
 
 def global_batch(trainer: L.Trainer, pl_module: L.LightningModule) -> int:
     """Samples per optimizer step over all devices: per-device batch x devices x nodes x accumulation."""
+    if hasattr(pl_module, "global_batch_size"):  # ours
+        return pl_module.global_batch_size
     per_device = getattr(trainer.datamodule, "batch_size", None) or pl_module.hparams.get("batch_size", 1)
     return per_device * trainer.world_size * trainer.accumulate_grad_batches
 

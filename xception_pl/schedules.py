@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from torch.optim import Optimizer
@@ -18,26 +19,42 @@ from torch.optim.lr_scheduler import LRScheduler
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class SampleCounts:
+    """What a schedule counted in samples needs of the running job; the module gives it when it builds the
+    schedule (the config gives the rest)."""
+
+    per_step: int  # the global batch: per-device batch x devices x nodes x accumulation
+    per_epoch: int | None = None  # the training set; decay_every_epochs needs it
+    skipped_steps: Callable[[], int] | None = None  # reads the steps skipped so far (a device count)
+
+
+SampleScheduleCallable = Callable[[Optimizer, SampleCounts], LRScheduler]  # what model.lr_scheduler builds
+
+
 class SampleStepDecay(LRScheduler):
     """lr = lr0 * warmup * decay_rate ** floor(samples_seen / decay_every) (staircase, ours).
 
     Args:
         optimizer: the wrapped optimizer.
+        samples: the global batch, the training set size and a reader of the skipped steps (given by
+            the module, not the config).
         decay_rate: multiplier per interval; 0.94 ImageNet, 0.9 JFT (sec. 4.2).
         decay_every_samples: interval in samples; 3,000,000 on JFT (sec. 4.2).
         decay_every_epochs: interval in epochs of the training set; 2 on ImageNet (sec. 4.2).
-            Needs the training set size, which the module takes from the data.
         warmup_samples: linear warmup from 0 over this many samples (ours; 0 = off, as the paper).
     """
 
     # The recipe comes from the config, also on resume (a config edit takes effect); facts of the running
     # job come from the module. Neither is restored from a checkpoint: only the progress is.
     _CONFIG = ("decay_rate", "decay_every_samples", "decay_every_epochs", "warmup_samples", "base_lrs")
-    _RUN_FACTS = ("samples_per_step", "samples_per_epoch", "skipped_steps", "skipped_before", "factor_now")
+    _RUN_FACTS = ("samples", "skipped_before", "factor_now",
+                  "samples_per_step", "samples_per_epoch", "skipped_steps")  # the last three: older checkpoints
 
     def __init__(
         self,
         optimizer: Optimizer,
+        samples: SampleCounts,
         decay_rate: float,
         decay_every_samples: int | None = None,
         decay_every_epochs: float | None = None,
@@ -52,38 +69,25 @@ class SampleStepDecay(LRScheduler):
                 raise ValueError(f"{name}={value} must be positive")
         if warmup_samples < 0:
             raise ValueError(f"warmup_samples={warmup_samples} must be >= 0")
+        if decay_every_epochs is not None and not samples.per_epoch:
+            raise ValueError("decay_every_epochs needs the training set size: give the data module a train set "
+                             "(or train_size), or use decay_every_samples")
+        self.samples = samples
         self.decay_rate = decay_rate
         self.decay_every_samples = decay_every_samples
         self.decay_every_epochs = decay_every_epochs
         self.warmup_samples = warmup_samples
         self.samples_seen = 0  # by every optimizer step, skipped ones included
         self.samples_skipped = 0  # by the steps skipped for a non-finite loss
-        self.samples_per_step = 0
-        self.samples_per_epoch: int | None = None
-        self.skipped_steps: Callable[[], int] | None = None
-        self.skipped_before = 0
+        self.skipped_before = 0  # samples_skipped before this run (restored from a checkpoint)
         self.factor_now: float | None = None
         super().__init__(optimizer)
-
-    def configure(self, samples_per_step: int, samples_per_epoch: int | None,
-                  skipped_steps: Callable[[], int] | None = None) -> None:
-        """Facts of the running job: the global batch, the training set size, and a reader of the steps
-        skipped so far in this run (a device count: read only when it could change the lr)."""
-        if self.decay_every_epochs is not None and not samples_per_epoch:
-            raise ValueError("decay_every_epochs needs the training set size: give the data module a train set "
-                             "(or train_size), or use decay_every_samples")
-        self.samples_per_step = samples_per_step
-        self.samples_per_epoch = samples_per_epoch
-        self.skipped_steps = skipped_steps
-        self.skipped_before = self.samples_skipped
 
     @property
     def interval(self) -> float:
         if self.decay_every_samples is not None:
             return self.decay_every_samples
-        if not self.samples_per_epoch:
-            return math.inf  # not configured yet: lr0 until the module says how large an epoch is
-        return self.decay_every_epochs * self.samples_per_epoch
+        return self.decay_every_epochs * self.samples.per_epoch
 
     def factor(self, samples: int) -> float:
         warmup = min(1.0, samples / self.warmup_samples) if self.warmup_samples else 1.0
@@ -92,7 +96,7 @@ class SampleStepDecay(LRScheduler):
     def step(self, epoch: None = None) -> None:
         # LRScheduler.__init__ calls step() once (last_epoch -1 -> 0) to set the initial lr.
         if self.last_epoch >= 0:
-            self.samples_seen += self.samples_per_step
+            self.samples_seen += self.samples.per_step
         super().step()
 
     def samples_trained(self) -> int:
@@ -100,18 +104,21 @@ class SampleStepDecay(LRScheduler):
         only when the lr would change at the uncorrected count (a decay boundary, or warmup), so a
         steady-state step never waits for the host, and the lr is exact at every step."""
         trained = self.samples_seen - self.samples_skipped
-        if self.skipped_steps is not None and self.factor(trained) != self.factor_now:
-            self.samples_skipped = self.skipped_before + self.skipped_steps() * self.samples_per_step
+        if self.samples.skipped_steps is not None and self.factor(trained) != self.factor_now:
+            self.count_skipped()
             trained = self.samples_seen - self.samples_skipped
         return trained
+
+    def count_skipped(self) -> None:
+        self.samples_skipped = self.skipped_before + self.samples.skipped_steps() * self.samples.per_step
 
     def get_lr(self) -> list[float]:
         self.factor_now = self.factor(self.samples_trained())
         return [base_lr * self.factor_now for base_lr in self.base_lrs]
 
     def state_dict(self) -> dict[str, Any]:
-        if self.skipped_steps is not None:  # exact in the checkpoint
-            self.samples_skipped = self.skipped_before + self.skipped_steps() * self.samples_per_step
+        if self.samples.skipped_steps is not None:  # exact in the checkpoint
+            self.count_skipped()
         state = super().state_dict()
         progress = {k: v for k, v in state.items() if k not in self._CONFIG + self._RUN_FACTS}
         return {**progress, "config": {k: state[k] for k in self._CONFIG}}  # "config": to report edits only
@@ -121,5 +128,6 @@ class SampleStepDecay(LRScheduler):
         edits = [f"{k}={getattr(self, k)} (checkpoint: {v})" for k, v in saved.items() if getattr(self, k) != v]
         if edits:
             log.warning("the config's lr schedule replaces the checkpoint's: %s", ", ".join(edits))
-        super().load_state_dict({k: v for k, v in state_dict.items() if k not in self._CONFIG + ("config",)})
+        unsaved = self._CONFIG + self._RUN_FACTS + ("config",)
+        super().load_state_dict({k: v for k, v in state_dict.items() if k not in unsaved})
         self.skipped_before = self.samples_skipped

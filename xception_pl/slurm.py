@@ -25,6 +25,7 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from torch.distributed import ReduceOp
 
 from xception_pl.callbacks import logs_this_step
+from xception_pl.checkpointing import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -235,12 +236,3 @@ def record_run(root: Path) -> None:
     else:
         write_atomically(folder / f"{stem}.sh", script)
     log.info("SLURM job %s: script and environment recorded in %s", job, folder)
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -30,6 +30,8 @@ from typing import Any
 
 import yaml
 
+from xception_pl.checkpointing import write_atomically
+
 STUDY_KEYS = {"base", "variants", "seeds", "args"}
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # a variant name is a directory name
 SWEEP_SCRIPT = "slurm/sweep.sh"
@@ -123,9 +125,7 @@ def record(study: Study) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     text = yaml.safe_dump({"study": study.name, "file": str(study.path), "base": study.base,
                            "runs": [{"name": t.name, "args": list(t.args)} for t in study.tasks]}, sort_keys=False)
-    tmp = folder / f".study.yaml.tmp-{os.getpid()}"
-    tmp.write_text(text)
-    os.replace(tmp, folder / "study.yaml")
+    write_atomically(folder / "study.yaml", text)
 
 
 def command(task: Task) -> list[str]:

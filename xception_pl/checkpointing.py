@@ -1,0 +1,185 @@
+"""Checkpoints: written atomically, read safely, found again.
+
+- `atomic_path`: every file a run writes for a user (checkpoints, exports, results) appears whole or not at all.
+- `AtomicCheckpointIO`: Lightning's checkpoint I/O through it; reads with weights_only=True; a failed write
+  stops the run with CheckpointWriteError, an unreadable file is one CheckpointLoadError line with the fix.
+- `LastCheckpoint`: checkpoints/last.ckpt, the newest state; `newest_checkpoint`: what `--ckpt_path last` resumes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import pickle
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+TMP_INFIX = ".tmp-"  # .<name>.tmp-<pid>: a file being written
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path beside `path` to write to; when the block ends without error it is synced to disk and
+    renamed over `path` (atomic within a directory), so a reader, or a kill, sees the old file or the new one.
+    On error the temporary file is removed and `path` keeps its old content."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}{TMP_INFIX}{os.getpid()}")
+    try:
+        yield tmp
+        fsync(tmp)
+        os.replace(tmp, path)
+        fsync(path.parent)  # the rename itself survives a power cut
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+
+
+def write_atomically(path: str | os.PathLike, data: bytes | str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data) if isinstance(data, bytes) else tmp.write_text(data)
+
+
+def fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes a checkpoint to a temporary file beside its target, fsyncs it, then renames it; reads
+    checkpoints with `weights_only=True`.
+
+    Lightning's own save goes through an fsspec transaction whose temporary file lives in
+    the system temp dir, so the final move may be a copy that a kill leaves half-written;
+    a rename within one directory is atomic, so a reader sees the old file or the new one.
+    A failed write (disk full, no permission) keeps the old file, and stops training with a
+    CheckpointWriteError that names the path and the fix: a run that went on without
+    checkpoints could lose days of work at its next failure.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None) -> None:
+        if "://" in str(path):  # remote storage: fsspec's transaction is the atomic unit there
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            for stale in path.parent.glob(f".*{path.suffix}{TMP_INFIX}*"):  # of a killed writer (one per run)
+                stale.unlink(missing_ok=True)
+            with atomic_path(path) as tmp:
+                torch.save(checkpoint, tmp)
+        except (OSError, RuntimeError) as error:
+            cause = os_error_in(error)  # torch.save reports a failed write as a RuntimeError from its zip writer
+            if cause is None:
+                raise
+            raise CheckpointWriteError(cause, path) from error
+
+    def load_checkpoint(self, path: str | os.PathLike, map_location: Any = lambda storage, loc: storage,
+                        weights_only: bool | None = None) -> dict[str, Any]:
+        # Tensors, containers and primitives only (our checkpoints hold nothing else): a checkpoint from
+        # elsewhere cannot run code on load. Explicit, so TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD does not undo it.
+        weights_only = True if weights_only is None else weights_only
+        if not Path(path).is_file() and "://" not in str(path):
+            raise CheckpointLoadError(f"checkpoint {path} does not exist: check --ckpt_path, or pass "
+                                      "--ckpt_path last to resume the newest checkpoint of the run directory")
+        try:
+            return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        except UNREADABLE_CHECKPOINT as error:
+            raise CheckpointLoadError(unreadable_checkpoint(path, error)) from error
+
+
+# What torch.load raises on a truncated, corrupt or foreign file, or (weights_only) on pickled objects.
+UNREADABLE_CHECKPOINT = (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, ValueError, zipfile.BadZipFile)
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written; the message names the path and the fix."""
+
+    def __init__(self, error: OSError, path: Path) -> None:
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            fix = (f"free space on the file system of {path.parent} (or raise the quota), or point "
+                   "trainer.default_root_dir at one with room")
+        elif error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            fix = f"make {path.parent} writable by this user (check its permissions and that it is not read-only)"
+        else:
+            fix = f"check that {path.parent} is a writable, healthy file system"
+        super().__init__(error.errno, f"could not write checkpoint {path}: {error.strerror or error}. Training stops "
+                                      f"here rather than go on without checkpoints; {path.name} still holds the "
+                                      f"previous checkpoint, if any. Fix: {fix}, then resume with --ckpt_path last.")
+
+    def __str__(self) -> str:
+        return self.strerror  # the message, without OSError's "[Errno N]" prefix
+
+
+def os_error_in(error: BaseException | None) -> OSError | None:
+    while error is not None and not isinstance(error, OSError):
+        error = error.__cause__ or error.__context__
+    return error
+
+
+class CheckpointLoadError(RuntimeError):
+    """A checkpoint could not be read; the message names the path and the fix."""
+
+
+def unreadable_checkpoint(path: str | os.PathLike, error: BaseException) -> str:
+    if isinstance(error, pickle.UnpicklingError) and "GLOBAL" in str(error):  # a pickled class or function
+        return (f"checkpoint {path} holds objects other than tensors and plain containers, so it is not loaded "
+                "(weights_only=True: unpickling them could run arbitrary code). Load only checkpoints this "
+                "project wrote; if you trust this file, load it with torch.load(..., weights_only=False) and save "
+                f"its state dict again. ({str(error).splitlines()[0]})")
+    return (f"checkpoint {path} is not a readable torch checkpoint (truncated, corrupt or another format: "
+            f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'empty'}). Resume from another "
+            "one: the best-k files in checkpoints/, or an hpc_ckpt_*.ckpt of the run directory.")
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """checkpoints/last.ckpt, the newest state: (atomically) rewritten after every validation (or at the end
+    of every training epoch, without one), at the end of training, and every `every_n_train_steps` optimizer
+    steps if given. List it after the best-k ModelCheckpoint: in a hook both save in, last.ckpt then holds
+    the best-k bookkeeping of that save.
+
+    Not Lightning's `save_last=True`: that writes last.ckpt only right after a top-k save, so while the
+    monitored metric stalls, last.ckpt (and a resume from it) stays at the last improvement, and the
+    last.ckpt of a finished run is not its final state.
+    """
+
+    def __init__(self, every_n_train_steps: int | None = None) -> None:
+        super().__init__(filename="last", monitor=None, save_top_k=1, enable_version_counter=False,
+                         every_n_train_steps=every_n_train_steps, every_n_epochs=0)
+
+    # The hooks a ModelCheckpoint saves its best-k in, so last.ckpt (written after it) holds its new state.
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._should_save_on_train_epoch_end(trainer):
+            self.save(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._should_save_on_train_epoch_end(trainer):
+            self.save(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.save(trainer)  # e.g. max_steps in the middle of an epoch
+
+    def save(self, trainer: L.Trainer) -> None:
+        if not self._should_skip_saving_checkpoint(trainer):  # not fitting, sanity check, or saved at this step
+            self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+def newest_checkpoint(root: Path) -> Path | None:
+    """The newest of <root>/checkpoints/last*.ckpt and the <root>/hpc_ckpt_*.ckpt that Lightning
+    writes when SLURM signals a job before its time limit."""
+    candidates = [*root.glob("hpc_ckpt_*.ckpt"), *(root / "checkpoints").glob("last*.ckpt")]
+    return max(candidates, key=lambda p: p.stat().st_mtime, default=None)
+
+
+def missing_checkpoint(ckpt_path: str | None) -> bool:
+    special = ckpt_path in (None, "last", "best", "hpc", "registry") or "://" in str(ckpt_path)
+    return not special and not Path(ckpt_path).is_file()
