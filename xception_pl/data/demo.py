@@ -14,14 +14,13 @@ import math
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Literal
+from typing import Any
 
 import numpy as np
 from filelock import FileLock
 from PIL import Image, ImageDraw
 
 from xception_pl.data.datamodule import WebDatasetDataModule
-from xception_pl.data.transforms import Transform
 from xception_pl.data.writer import write_shards
 
 DEMO_ROOT = "~/.cache/xception_pl/demo"
@@ -116,15 +115,8 @@ class DemoDataModule(WebDatasetDataModule):
         image_size: side of the square crops fed to the network.
         eval_resize: evaluation resizes the shorter side to this, then centre-crops image_size.
         shuffle_buffer: raw training samples each worker shuffles in memory.
-        decode_device: "cpu" or "cuda" (see WebDatasetDataModule).
-        max_image_pixels: larger images are skipped without decoding.
-        train_transform: training augmentation (default RandomResizedCrop + flip).
-        eval_transform: evaluation transform (default Resize + CenterCrop).
-        seed: seed of the training stream (the images themselves use seed 0 and 1).
-        pin_memory: page-locked batches (only when CUDA is available).
-        persistent_workers: keep workers alive between epochs.
-        prefetch_factor: batches each worker loads ahead (None: PyTorch's default).
-        multiprocessing_context: start method of the workers (None: PyTorch's default).
+        **kwargs: the other arguments of WebDatasetDataModule (seed: of the training stream; the images
+            themselves use seed 0 and 1).
     """
 
     def __init__(
@@ -140,21 +132,12 @@ class DemoDataModule(WebDatasetDataModule):
         image_size: int = 96,
         eval_resize: int = 107,
         shuffle_buffer: int = 1000,
-        decode_device: Literal["cpu", "cuda"] = "cpu",
-        max_image_pixels: int = 89_478_485,
-        train_transform: Transform | None = None,
-        eval_transform: Transform | None = None,
-        seed: int = 0,
-        pin_memory: bool = True,
-        persistent_workers: bool = True,
-        prefetch_factor: int | None = None,
-        multiprocessing_context: Literal["fork", "spawn", "forkserver"] | None = None,
+        **kwargs: Any,
     ) -> None:
         data = make_demo_data(root, num_classes, train_images_per_class, val_images_per_class, source_size, multilabel)
         val = str(data / "val")
+        # Sizes named (None: from the manifests) so that the command line offers none: the demo fixes them.
         super().__init__(
-            train=str(data / "train"), val=val, test=val, predict=val, batch_size=batch_size,
-            num_workers=num_workers, image_size=image_size, eval_resize=eval_resize, shuffle_buffer=shuffle_buffer,
-            decode_device=decode_device, max_image_pixels=max_image_pixels, train_transform=train_transform,
-            eval_transform=eval_transform, seed=seed, pin_memory=pin_memory, persistent_workers=persistent_workers,
-            prefetch_factor=prefetch_factor, multiprocessing_context=multiprocessing_context)
+            train=str(data / "train"), val=val, test=val, predict=val, train_size=None, val_size=None,
+            test_size=None, predict_size=None, batch_size=batch_size, num_workers=num_workers, image_size=image_size,
+            eval_resize=eval_resize, shuffle_buffer=shuffle_buffer, **kwargs)
