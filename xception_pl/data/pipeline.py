@@ -98,10 +98,11 @@ class ShardSlot:
             yield {"url": url}
 
 
-def shuffle_samples(samples: Iterator[dict[str, Any]], bufsize: int, seeds: EpochSeed) -> Iterator[dict[str, Any]]:
+def shuffle_samples(samples: Iterator[dict[str, Any]], shuffle_buffer: int,
+                    seeds: EpochSeed) -> Iterator[dict[str, Any]]:
     """wds.shuffle with its RNG drawn per worker and epoch (it would seed itself from pid and time);
-    yields once a tenth of the buffer is full, which then grows to bufsize."""
-    return wds.shuffle(bufsize, initial=max(1, bufsize // 10), rng=seeds.rng("samples"))(samples)
+    yields once a tenth of the buffer is full, which then grows to shuffle_buffer."""
+    return wds.shuffle(shuffle_buffer, initial=max(1, shuffle_buffer // 10), rng=seeds.rng("samples"))(samples)
 
 
 def train_pipeline(urls: list[str], seeds: EpochSeed, decoder: DecodeSamples, batch_size: int,
@@ -112,7 +113,7 @@ def train_pipeline(urls: list[str], seeds: EpochSeed, decoder: DecodeSamples, ba
         partial(url_opener, handler=counter.handler),  # open local paths, pipe: commands, http(s) URLs
         partial(tar_samples, handler=counter.handler),  # the files in each tar (errors counted)
         partial(group_by_keys, handler=counter.handler),  # files with one key -> one raw sample
-        partial(shuffle_samples, bufsize=shuffle_buffer, seeds=seeds),  # shuffle raw bytes, before decoding
+        partial(shuffle_samples, shuffle_buffer=shuffle_buffer, seeds=seeds),  # shuffle raw bytes, before decoding
         decoder,  # check header and label, decode, augment; bad samples counted and dropped
         wds.batched(batch_size, partial=False, collation_fn=Collate(counter, encoded)),  # full batches only
     )
