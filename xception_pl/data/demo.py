@@ -28,14 +28,14 @@ DEMO_SHARDS = 16  # per split: enough for 2 ranks x 8 workers to each read whole
 DEMO_VERSION = 1  # part of the cache name: bump when draw() changes
 
 
-def draw(classes: list[int], num_classes: int, size: int, rng: np.random.Generator) -> Image.Image:
+def draw(classes: list[int], num_classes: int, source_size: int, rng: np.random.Generator) -> Image.Image:
     grey = rng.integers(70, 190)
-    image = Image.new("RGB", (size, size), tuple(int(grey + t) for t in rng.integers(-20, 21, 3)))
+    image = Image.new("RGB", (source_size, source_size), tuple(int(grey + t) for t in rng.integers(-20, 21, 3)))
     pen = ImageDraw.Draw(image)
     scale = (0.18, 0.34) if len(classes) == 1 else (0.11, 0.2)
     for c in classes:
-        r = rng.uniform(*scale) * size
-        x, y = rng.uniform(r, size - r, 2)
+        r = rng.uniform(*scale) * source_size
+        x, y = rng.uniform(r, source_size - r, 2)
         colour = tuple(int(255 * v) for v in colorsys.hsv_to_rgb((c * 0.618034) % 1.0, 0.9, rng.uniform(0.75, 1)))
         if c % 3 == 0:
             pen.ellipse((x - r, y - r, x + r, y + r), fill=colour)
@@ -44,24 +44,26 @@ def draw(classes: list[int], num_classes: int, size: int, rng: np.random.Generat
         else:
             corners = (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)
             pen.polygon([(x + r * math.cos(a), y + r * math.sin(a)) for a in corners], fill=colour)
-    pixels = np.asarray(image, dtype=np.float32) + rng.normal(0, 12, (size, size, 3))
+    pixels = np.asarray(image, dtype=np.float32) + rng.normal(0, 12, (source_size, source_size, 3))
     return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
 
 
-def write_source(folder: Path, count: int, num_classes: int, multilabel: bool, size: int, seed: int) -> Path:
-    """`count` images per class as a folder tree (single label) or images + labels.jsonl (multi-label)."""
+def write_source(folder: Path, images_per_class: int, num_classes: int, multilabel: bool, source_size: int,
+                 seed: int) -> Path:
+    """images_per_class x num_classes images as a folder tree (single label) or images + labels.jsonl
+    (multi-label)."""
     rng = np.random.default_rng(seed)
     records = []
-    for i in range(count * num_classes):
+    for i in range(images_per_class * num_classes):
         if multilabel:
-            count_here = rng.integers(1, min(3, num_classes) + 1)
-            classes = sorted(rng.choice(num_classes, size=count_here, replace=False).tolist())
+            num_labels = rng.integers(1, min(3, num_classes) + 1)
+            classes = sorted(rng.choice(num_classes, size=num_labels, replace=False).tolist())
             path = Path("images") / f"{i:06d}.jpg"
         else:
             classes = [i % num_classes]
             path = Path(f"class_{classes[0]:03d}") / f"{i:06d}.jpg"
         (folder / path).parent.mkdir(parents=True, exist_ok=True)
-        draw(classes, num_classes, size, rng).save(folder / path, quality=90)
+        draw(classes, num_classes, source_size, rng).save(folder / path, quality=90)
         records.append({"path": path.as_posix(), "labels": classes})
     if not multilabel:
         return folder
