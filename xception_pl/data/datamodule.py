@@ -34,7 +34,7 @@ class WebDatasetDataModule(L.LightningDataModule):
     Training gives every rank train_size // (batch_size * world_size) full batches per epoch (DDP never
     waits on a rank), from shards drawn with replacement; a resumed epoch trains only its remaining batches
     (data/position.py). Evaluation gives shard i to rank i % world_size, round-robin to its workers: every
-    sample exactly once, unpadded; any shard count works.
+    sample exactly once, unpadded (a worker's last batch may be short); any shard count works.
 
     Args:
         train: training shards: a directory holding manifest.json, a brace pattern of .tar files,
