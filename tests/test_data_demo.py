@@ -61,8 +61,10 @@ def test_demo_classes_differ_visibly(tmp_path):
 
 def test_demo_datamodule_serves_train_val_and_test(tmp_path):
     dm = DemoDataModule(root=str(tmp_path), num_classes=4, train_images_per_class=8, val_images_per_class=4,
-                        source_size=48, batch_size=8, num_workers=0, image_size=32, eval_resize=36)
+                        source_size=48, batch_size=8, num_workers=0, image_size=32, eval_resize=36, seed=7,
+                        max_image_pixels=10**6)
     assert (dm.num_classes, dm.multilabel, dm.train_size) == (4, False, 32)
+    assert (dm.position.seed, dm.max_image_pixels) == (7, 10**6)  # forwarded to WebDatasetDataModule
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     assert batch["image"].shape == (8, 3, 32, 32) and batch["target"].max() < 4
@@ -90,3 +92,15 @@ def test_datamodule_signatures_build_a_documented_command_line():
     parser = ArgumentParser()
     parser.add_class_arguments(WebDatasetDataModule, "data")
     assert parser.parse_args(["--data.train", "pipe:cat x-{0..3}.tar", "--data.train_size", "4"]).data.train_size == 4
+
+
+def test_demo_command_line_offers_the_loader_options_but_no_paths_or_sizes():
+    parser = ArgumentParser()
+    parser.add_class_arguments(DemoDataModule, "data")
+    defaults = parser.get_defaults().data
+    options = set(vars(defaults))
+    forwarded = {"decode_device", "max_image_pixels", "train_transform", "eval_transform", "seed", "pin_memory",
+                 "persistent_workers", "prefetch_factor", "multiprocessing_context"}
+    assert forwarded <= options
+    assert not options & {"train", "val", "test", "predict", "train_size", "val_size", "test_size", "predict_size"}
+    assert (defaults.batch_size, defaults.image_size, defaults.num_classes) == (32, 96, 10)  # the demo's own

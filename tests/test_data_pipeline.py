@@ -1,5 +1,8 @@
 import json
+import subprocess
+import sys
 import tarfile
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -137,3 +140,8 @@ def test_ranks_draw_different_training_data(tmp_path):
         dm.setup("fit")
         keys.append([b["key"] for b in dm.train_dataloader()])
     assert len(keys[0]) == len(keys[1]) == 12 // (4 * 2) and keys[0] != keys[1]
+
+
+def test_the_data_package_does_not_import_the_slurm_module():
+    code = "import sys, xception_pl.data; assert 'xception_pl.slurm' not in sys.modules, 'data/ imports slurm'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])

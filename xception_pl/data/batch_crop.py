@@ -109,15 +109,17 @@ def size_groups(sizes: list[tuple[int, int]]) -> list[list[int]]:
     return groups
 
 
-def crop_batch(images: list[torch.Tensor], boxes: torch.Tensor, flip: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 images [3, H_i, W_i] -> uint8 [B, 3, size, size]: box i of image i, resized, mirrored where flip."""
+def crop_batch(images: list[torch.Tensor], boxes: torch.Tensor, flip: torch.Tensor,
+               image_size: int) -> torch.Tensor:
+    """uint8 images [3, H_i, W_i] -> uint8 [B, 3, image_size, image_size]: box i of image i, resized, mirrored
+    where flip."""
     device = images[0].device
-    out = torch.empty(len(images), 3, size, size, device=device)
+    out = torch.empty(len(images), 3, image_size, image_size, device=device)
     for group in size_groups([tuple(image.shape[-2:]) for image in images]):
         canvas = pad_to_canvas([images[i] for i in group])
         rois = torch.cat([torch.arange(len(group), dtype=boxes.dtype)[:, None], boxes[group]], 1)
         index = torch.tensor(group, device=device)
-        out.index_copy_(0, index, roi_align(canvas, rois.to(device, canvas.dtype), size, aligned=True))
+        out.index_copy_(0, index, roi_align(canvas, rois.to(device, canvas.dtype), image_size, aligned=True))
     out = torch.where(flip.to(device)[:, None, None, None], out.flip(-1), out)
     return out.round_().clamp_(0, 255).to(torch.uint8)
 

@@ -13,44 +13,28 @@ from lightning.pytorch.loops.progress import _ProcessedTracker
 from lightning.pytorch.trainer.states import TrainerFn
 
 from xception_pl.data import transforms
-from xception_pl.slurm import ignore_stop_signals_in_worker
 from xception_pl.data.batch_crop import PerImage, RandomResizedCropFlip, ResizeCenterCrop
 from xception_pl.data.device_decode import BatchTransform, DecodeOnDevice
 from xception_pl.data.images import image_files, image_loader
 from xception_pl.data.pipeline import EpochLoader, EpochSeed, carry_skips, eval_pipeline, rank_shards, train_pipeline
+from xception_pl.data.position import StreamPosition
 from xception_pl.data.samples import DecodeSamples, SkipCounter
 from xception_pl.data.sources import ShardSet, dataset_facts, resolve
+from xception_pl.data.workers import ignore_stop_signals_in_worker
 
 
 class WebDatasetDataModule(L.LightningDataModule):
     """Batches {"image", "target", "skipped", "key"} from WebDataset shards.
 
-    "image": float [B, 3, S, S] in [-1, 1] (x / 127.5 - 1, the paper's Keras preprocessing);
-    "target": long [B] class ids, or float [B, num_classes] multi-hot when multilabel;
-    "skipped": long [len(SKIP_REASONS)], samples this worker dropped since its previous batch, per
-    reason; "key": the sample keys. Workers ship uint8 images and `on_after_batch_transfer` scales
-    them on the device: a batch read from a loader directly, outside a Trainer, holds uint8 images
-    until passed through that hook. With decode_device="cuda" workers ship each batch's JPEG bytes
-    packed in one tensor, and the loader decodes and crops them on the trainer's device (outside a
-    Trainer: the current CUDA device, else the CPU, by the same code), one batch ahead.
+    "image": [B, 3, S, S], uint8 from the loader, scaled to [-1, 1] on the device by `on_after_batch_transfer`
+    (x / 127.5 - 1, the paper's Keras preprocessing); "target": long [B] class ids, or float
+    [B, num_classes] multi-hot; "skipped": long [len(SKIP_REASONS)], samples dropped since the previous
+    batch, per reason; "key": the sample keys. decode_device="cuda": the device decodes and crops.
 
-    Training draws shards with replacement and shuffles samples before decoding; every rank gets
-    train_size // (batch_size * world_size) full batches per epoch, so DDP never waits on a rank.
-    Validation, test and predict give shard i to rank i % world_size, and a rank's shards round-robin
-    to its workers: every sample exactly once, no padding; the last batch of a worker may be short.
-    Any shard count works: a rank starts at most as many workers as it has shards, and a rank without
-    a shard gets an empty loader.
-
-    Resume: the training stream of an epoch is a function of (seed, epoch, rank, worker), and
-    `state_dict()` holds {"seed", "epoch", "batch"}: the position of the next training batch, read from
-    the trainer's batch progress when a checkpoint is written. Lightning restarts a loader from its start
-    (it restores its counters, not the stream), so the pass after `load_state_dict` seeds its streams from
-    (seed, epoch, rank, worker, batch) and yields only the epoch's remaining batches: an epoch resumed
-    mid-way ends at the same step as an uninterrupted one, and does not replay the batches it already
-    trained on; its remainder is a fresh draw, as independent of the epoch's first part as the two parts
-    of an uninterrupted epoch are (shards are drawn with replacement), and the same on every resume from
-    that checkpoint. Later epochs equal an uninterrupted run's. (Fast-forwarding the old stream instead
-    would read, and decode, up to an epoch of data on every resume.)
+    Training gives every rank train_size // (batch_size * world_size) full batches per epoch (DDP never
+    waits on a rank), from shards drawn with replacement; a resumed epoch trains only its remaining batches
+    (data/position.py). Evaluation gives shard i to rank i % world_size, round-robin to its workers: every
+    sample exactly once, unpadded (a worker's last batch may be short); any shard count works.
 
     Args:
         train: training shards: a directory holding manifest.json, a brace pattern of .tar files,
@@ -137,8 +121,7 @@ class WebDatasetDataModule(L.LightningDataModule):
             False: PerImage(eval_transform) if eval_transform else ResizeCenterCrop(image_size, eval_resize)}
         self.pin_memory, self.persistent_workers = pin_memory, persistent_workers
         self.prefetch_factor, self.multiprocessing_context = prefetch_factor, multiprocessing_context
-        self.seed, self.epoch, self.passes = seed, 0, 0
-        self.resume_batch: int | None = None  # set by load_state_dict, used by the next pass
+        self.position = StreamPosition(seed)
         self.rank, self.world_size = 0, 1
 
     def setup(self, stage: str) -> None:
@@ -180,26 +163,14 @@ class WebDatasetDataModule(L.LightningDataModule):
                         worker_init_fn=ignore_stop_signals_in_worker)  # SIGUSR1 and SIGTERM are for the trainer
         return args
 
-    def next_pass(self) -> tuple[int, int]:
-        """(epoch, batches of it already trained) for a new pass over the training data: the restored
-        position on the first pass after `load_state_dict`, else (the trainer's epoch, or a pass count; 0)."""
-        batch = 0
-        if self.resume_batch is not None:
-            batch, self.resume_batch = self.resume_batch, None
-        elif self.trainer is not None:
-            self.epoch = self.trainer.current_epoch
-        elif self.passes > 0:
-            self.epoch += 1
-        self.passes += 1
-        return self.epoch, batch
-
     def train_dataloader(self) -> EpochLoader:
-        seeds = EpochSeed(self.seed, self.rank, self.epoch)
+        seeds = EpochSeed(self.position.seed, self.rank)
         shards = self.split("train")
         shuffle_buffer = min(self.shuffle_buffer, shards.size)  # no point holding more than the data set
         pipeline = train_pipeline(shards.urls, seeds, self.decoder("train"), self.batch_size, shuffle_buffer,
                                   encoded=self.decode_device == "cuda")
-        loader = EpochLoader(pipeline, seeds, self.next_pass, self.batches_per_rank(), **self.loader_args())
+        loader = EpochLoader(pipeline, seeds, self.position, self.trainer, self.batches_per_rank(),
+                             **self.loader_args())
         return loader.compose(*self.device_decode(training=True), carry_skips)
 
     def eval_dataloader(self, name: str) -> wds.WebLoader:
@@ -240,17 +211,14 @@ class WebDatasetDataModule(L.LightningDataModule):
         batch["image"] = transforms.to_model_input(batch["image"])
         return batch
 
-    def state_dict(self) -> dict[str, Any]:
-        epoch, batch = self.epoch, 0
-        if self.trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
-            batch = trained_batches(self.trainer.fit_loop.epoch_loop.batch_progress.current)
-            if batch >= self.trainer.num_training_batches:  # saved at the end of the epoch
-                epoch, batch = epoch + 1, 0
-        return {"seed": self.seed, "epoch": epoch, "batch": batch}
+    def state_dict(self) -> dict[str, int]:
+        if self.trainer is None or self.trainer.state.fn != TrainerFn.FITTING:
+            return self.position.state_dict()
+        trained = trained_batches(self.trainer.fit_loop.epoch_loop.batch_progress.current)
+        return self.position.state_dict(trained, self.trainer.num_training_batches)
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.seed, self.epoch, self.passes = state_dict["seed"], state_dict["epoch"], 0
-        self.resume_batch = state_dict.get("batch", 0)
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.position.load_state_dict(state_dict)
         # Lightning warns that a loader without its own state_dict replays a resumed epoch; this one does not.
         warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
 

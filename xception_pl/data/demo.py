@@ -14,14 +14,13 @@ import math
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Literal
+from typing import Any
 
 import numpy as np
 from filelock import FileLock
 from PIL import Image, ImageDraw
 
 from xception_pl.data.datamodule import WebDatasetDataModule
-from xception_pl.data.transforms import Transform
 from xception_pl.data.writer import write_shards
 
 DEMO_ROOT = "~/.cache/xception_pl/demo"
@@ -29,14 +28,14 @@ DEMO_SHARDS = 16  # per split: enough for 2 ranks x 8 workers to each read whole
 DEMO_VERSION = 1  # part of the cache name: bump when draw() changes
 
 
-def draw(classes: list[int], num_classes: int, size: int, rng: np.random.Generator) -> Image.Image:
+def draw(classes: list[int], num_classes: int, source_size: int, rng: np.random.Generator) -> Image.Image:
     grey = rng.integers(70, 190)
-    image = Image.new("RGB", (size, size), tuple(int(grey + t) for t in rng.integers(-20, 21, 3)))
+    image = Image.new("RGB", (source_size, source_size), tuple(int(grey + t) for t in rng.integers(-20, 21, 3)))
     pen = ImageDraw.Draw(image)
     scale = (0.18, 0.34) if len(classes) == 1 else (0.11, 0.2)
     for c in classes:
-        r = rng.uniform(*scale) * size
-        x, y = rng.uniform(r, size - r, 2)
+        r = rng.uniform(*scale) * source_size
+        x, y = rng.uniform(r, source_size - r, 2)
         colour = tuple(int(255 * v) for v in colorsys.hsv_to_rgb((c * 0.618034) % 1.0, 0.9, rng.uniform(0.75, 1)))
         if c % 3 == 0:
             pen.ellipse((x - r, y - r, x + r, y + r), fill=colour)
@@ -45,24 +44,26 @@ def draw(classes: list[int], num_classes: int, size: int, rng: np.random.Generat
         else:
             corners = (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)
             pen.polygon([(x + r * math.cos(a), y + r * math.sin(a)) for a in corners], fill=colour)
-    pixels = np.asarray(image, dtype=np.float32) + rng.normal(0, 12, (size, size, 3))
+    pixels = np.asarray(image, dtype=np.float32) + rng.normal(0, 12, (source_size, source_size, 3))
     return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
 
 
-def write_source(folder: Path, count: int, num_classes: int, multilabel: bool, size: int, seed: int) -> Path:
-    """`count` images per class as a folder tree (single label) or images + labels.jsonl (multi-label)."""
+def write_source(folder: Path, images_per_class: int, num_classes: int, multilabel: bool, source_size: int,
+                 seed: int) -> Path:
+    """images_per_class x num_classes images as a folder tree (single label) or images + labels.jsonl
+    (multi-label)."""
     rng = np.random.default_rng(seed)
     records = []
-    for i in range(count * num_classes):
+    for i in range(images_per_class * num_classes):
         if multilabel:
-            count_here = rng.integers(1, min(3, num_classes) + 1)
-            classes = sorted(rng.choice(num_classes, size=count_here, replace=False).tolist())
+            num_labels = rng.integers(1, min(3, num_classes) + 1)
+            classes = sorted(rng.choice(num_classes, size=num_labels, replace=False).tolist())
             path = Path("images") / f"{i:06d}.jpg"
         else:
             classes = [i % num_classes]
             path = Path(f"class_{classes[0]:03d}") / f"{i:06d}.jpg"
         (folder / path).parent.mkdir(parents=True, exist_ok=True)
-        draw(classes, num_classes, size, rng).save(folder / path, quality=90)
+        draw(classes, num_classes, source_size, rng).save(folder / path, quality=90)
         records.append({"path": path.as_posix(), "labels": classes})
     if not multilabel:
         return folder
@@ -116,15 +117,8 @@ class DemoDataModule(WebDatasetDataModule):
         image_size: side of the square crops fed to the network.
         eval_resize: evaluation resizes the shorter side to this, then centre-crops image_size.
         shuffle_buffer: raw training samples each worker shuffles in memory.
-        decode_device: "cpu" or "cuda" (see WebDatasetDataModule).
-        max_image_pixels: larger images are skipped without decoding.
-        train_transform: training augmentation (default RandomResizedCrop + flip).
-        eval_transform: evaluation transform (default Resize + CenterCrop).
-        seed: seed of the training stream (the images themselves use seed 0 and 1).
-        pin_memory: page-locked batches (only when CUDA is available).
-        persistent_workers: keep workers alive between epochs.
-        prefetch_factor: batches each worker loads ahead (None: PyTorch's default).
-        multiprocessing_context: start method of the workers (None: PyTorch's default).
+        **kwargs: the other arguments of WebDatasetDataModule (seed: of the training stream; the images
+            themselves use seed 0 and 1).
     """
 
     def __init__(
@@ -140,21 +134,12 @@ class DemoDataModule(WebDatasetDataModule):
         image_size: int = 96,
         eval_resize: int = 107,
         shuffle_buffer: int = 1000,
-        decode_device: Literal["cpu", "cuda"] = "cpu",
-        max_image_pixels: int = 89_478_485,
-        train_transform: Transform | None = None,
-        eval_transform: Transform | None = None,
-        seed: int = 0,
-        pin_memory: bool = True,
-        persistent_workers: bool = True,
-        prefetch_factor: int | None = None,
-        multiprocessing_context: Literal["fork", "spawn", "forkserver"] | None = None,
+        **kwargs: Any,
     ) -> None:
         data = make_demo_data(root, num_classes, train_images_per_class, val_images_per_class, source_size, multilabel)
         val = str(data / "val")
+        # Sizes named (None: from the manifests) so that the command line offers none: the demo fixes them.
         super().__init__(
-            train=str(data / "train"), val=val, test=val, predict=val, batch_size=batch_size,
-            num_workers=num_workers, image_size=image_size, eval_resize=eval_resize, shuffle_buffer=shuffle_buffer,
-            decode_device=decode_device, max_image_pixels=max_image_pixels, train_transform=train_transform,
-            eval_transform=eval_transform, seed=seed, pin_memory=pin_memory, persistent_workers=persistent_workers,
-            prefetch_factor=prefetch_factor, multiprocessing_context=multiprocessing_context)
+            train=str(data / "train"), val=val, test=val, predict=val, train_size=None, val_size=None,
+            test_size=None, predict_size=None, batch_size=batch_size, num_workers=num_workers, image_size=image_size,
+            eval_resize=eval_resize, shuffle_buffer=shuffle_buffer, **kwargs)

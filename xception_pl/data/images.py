@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from xception_pl.data.labels import IMAGE_SUFFIXES, images_under
-from xception_pl.data.samples import SKIP_REASONS, Skip, decode, image_size
+from xception_pl.data.samples import SKIP_REASONS, Skip, decode, image_dimensions
 from xception_pl.data.sources import MANIFEST, is_remote
 
 GLOB_CHARS = "*?["
@@ -58,7 +58,7 @@ class ImageFiles(Dataset):
         path = self.files[index]
         try:
             data = Path(path).read_bytes()
-            (width, height), is_jpeg = image_size(data)
+            (width, height), is_jpeg = image_dimensions(data)
             if width * height > self.max_image_pixels:
                 raise Skip("too_large", f"{width}x{height} pixels")
             return {"image": self.transform(decode(data, is_jpeg)), "key": path}

@@ -108,7 +108,7 @@ def csv_items(root: Path, labels_file: str, classes_file: str | None = None,
     items = [(sample_key(path.relative_to(root)), str(path), class_id(label, names, f"{file}:{n}", classes_file))
              for n, path, label in records]
     top = max(label for _, _, label in items)
-    classes = len(names) if names is not None else num_classes if num_classes is not None else top + 1
-    if top >= classes:
-        raise ValueError(f"{file}: class id {top} >= num_classes={classes}; raise --num_classes or fix the labels")
-    return items, names, classes
+    num_classes = len(names) if names is not None else num_classes if num_classes is not None else top + 1
+    if top >= num_classes:
+        raise ValueError(f"{file}: class id {top} >= num_classes={num_classes}; raise --num_classes or fix the labels")
+    return items, names, num_classes

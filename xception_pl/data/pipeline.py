@@ -9,17 +9,21 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import webdataset as wds
 from torch.utils.data import get_worker_info
 from webdataset.tariterators import group_by_keys, url_opener
 
+from xception_pl.data.position import StreamPosition
 from xception_pl.data.samples import SKIP_REASONS, Collate, DecodeSamples, SkipCounter
 from xception_pl.data.tar import tar_samples
+
+if TYPE_CHECKING:
+    import lightning as L
 
 log = logging.getLogger(__name__)
 
@@ -32,12 +36,12 @@ def worker_slot() -> tuple[int, int]:
 class EpochSeed:
     """Seeds every random stream from (seed, epoch, rank, worker) and, on the pass that resumes an epoch
     mid-way, the batch it resumes at. Epoch and batch live in shared memory, so persistent workers see
-    the values the main process sets before each pass."""
+    the values the main process sets before each pass (EpochLoader)."""
 
-    def __init__(self, seed: int, rank: int, epoch: int = 0) -> None:
+    def __init__(self, seed: int, rank: int) -> None:
         self.seed, self.rank = seed, rank
-        self._epoch = multiprocessing.RawValue("q", epoch)
-        self._resumed_at = multiprocessing.RawValue("q", 0)
+        self._epoch = multiprocessing.RawValue("q", 0)
+        self._batch = multiprocessing.RawValue("q", 0)
 
     @property
     def epoch(self) -> int:
@@ -48,16 +52,16 @@ class EpochSeed:
         self._epoch.value = value
 
     @property
-    def resumed_at(self) -> int:
-        return self._resumed_at.value
+    def batch(self) -> int:
+        return self._batch.value
 
-    @resumed_at.setter
-    def resumed_at(self, value: int) -> None:
-        self._resumed_at.value = value
+    @batch.setter
+    def batch(self, value: int) -> None:
+        self._batch.value = value
 
     def rng(self, stream: str) -> random.Random:
         worker, _ = worker_slot()
-        resumed = f"/resumed-at-{self.resumed_at}" if self.resumed_at else ""
+        resumed = f"/resumed-at-{self.batch}" if self.batch else ""
         return random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{worker}/{stream}{resumed}")
 
 
@@ -94,10 +98,11 @@ class ShardSlot:
             yield {"url": url}
 
 
-def shuffle_samples(samples: Iterator[dict[str, Any]], bufsize: int, seeds: EpochSeed) -> Iterator[dict[str, Any]]:
+def shuffle_samples(samples: Iterator[dict[str, Any]], shuffle_buffer: int,
+                    seeds: EpochSeed) -> Iterator[dict[str, Any]]:
     """wds.shuffle with its RNG drawn per worker and epoch (it would seed itself from pid and time);
-    yields once a tenth of the buffer is full, which then grows to bufsize."""
-    return wds.shuffle(bufsize, initial=max(1, bufsize // 10), rng=seeds.rng("samples"))(samples)
+    yields once a tenth of the buffer is full, which then grows to shuffle_buffer."""
+    return wds.shuffle(shuffle_buffer, initial=max(1, shuffle_buffer // 10), rng=seeds.rng("samples"))(samples)
 
 
 def train_pipeline(urls: list[str], seeds: EpochSeed, decoder: DecodeSamples, batch_size: int,
@@ -108,7 +113,7 @@ def train_pipeline(urls: list[str], seeds: EpochSeed, decoder: DecodeSamples, ba
         partial(url_opener, handler=counter.handler),  # open local paths, pipe: commands, http(s) URLs
         partial(tar_samples, handler=counter.handler),  # the files in each tar (errors counted)
         partial(group_by_keys, handler=counter.handler),  # files with one key -> one raw sample
-        partial(shuffle_samples, bufsize=shuffle_buffer, seeds=seeds),  # shuffle raw bytes, before decoding
+        partial(shuffle_samples, shuffle_buffer=shuffle_buffer, seeds=seeds),  # shuffle raw bytes, before decoding
         decoder,  # check header and label, decode, augment; bad samples counted and dropped
         wds.batched(batch_size, partial=False, collation_fn=Collate(counter, encoded)),  # full batches only
     )
@@ -151,19 +156,21 @@ def carry_skips(batches: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
 
 
 class EpochLoader(wds.WebLoader):
-    """WebLoader of `num_batches` batches per epoch. Before each pass, `next_pass()` gives (epoch, batches of
-    that epoch already trained); the pass seeds its streams from both and yields the remaining batches."""
+    """WebLoader of `num_batches` batches per epoch. Each pass starts where `position` says (the trainer's
+    epoch numbers the passes; without a trainer, they are counted): its streams are seeded from that
+    (epoch, batch), and it yields the epoch's remaining batches."""
 
-    def __init__(self, dataset: wds.DataPipeline, seeds: EpochSeed, next_pass: Callable[[], tuple[int, int]],
-                 num_batches: int, **loader_args: Any) -> None:
+    def __init__(self, dataset: wds.DataPipeline, seeds: EpochSeed, position: StreamPosition,
+                 trainer: L.Trainer | None, num_batches: int, **loader_args: Any) -> None:
         super().__init__(dataset, batch_size=None, **loader_args)
-        self.seeds, self.next_pass, self.num_batches = seeds, next_pass, num_batches
+        self.seeds, self.position, self.trainer, self.num_batches = seeds, position, trainer, num_batches
         self.with_epoch(num_batches)
 
     def __iter__(self) -> Iterator[Any]:
         # Lazily, at the first batch: Lightning also calls iter() once just to see that the loader is iterable.
-        self.seeds.epoch, self.seeds.resumed_at = self.next_pass()
-        self.nsamples = self.num_batches - self.seeds.resumed_at
+        trainer_epoch = self.trainer.current_epoch if self.trainer is not None else None
+        self.seeds.epoch, self.seeds.batch = self.position.next_pass(trainer_epoch)
+        self.nsamples = self.num_batches - self.seeds.batch
         if self.nsamples > 0:  # with_epoch reads 0 as "endless"
             yield from super().__iter__()
 

@@ -64,7 +64,7 @@ class SkipCounter:
         return counts
 
 
-def jpeg_size(data: bytes) -> tuple[int, int] | None:
+def jpeg_dimensions(data: bytes) -> tuple[int, int] | None:
     """(width, height) from a JPEG's SOF header without decoding; None when `data` is not a JPEG."""
     if data[:2] != b"\xff\xd8":
         return None
@@ -84,11 +84,11 @@ def jpeg_size(data: bytes) -> tuple[int, int] | None:
     raise Skip("corrupt_image", "no JPEG frame header")
 
 
-def image_size(data: bytes) -> tuple[tuple[int, int], bool]:
+def image_dimensions(data: bytes) -> tuple[tuple[int, int], bool]:
     """((width, height), is_jpeg) read from the header only."""
-    size = jpeg_size(data)
-    if size is not None:
-        return size, True
+    dimensions = jpeg_dimensions(data)
+    if dimensions is not None:
+        return dimensions, True
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -155,7 +155,7 @@ class DecodeSamples:
         if data is None:
             raise Skip("missing_field", f"no image (.{', .'.join(IMAGE_FIELDS)}) among {sorted(sample)}")
         target = self.target(sample)
-        (width, height), is_jpeg = image_size(data)
+        (width, height), is_jpeg = image_dimensions(data)
         if width * height > self.max_image_pixels:
             raise Skip("too_large", f"{width}x{height} pixels > max_image_pixels={self.max_image_pixels}")
         if self.transform is None:  # decode_device="cuda": JPEG bytes travel, the GPU decodes

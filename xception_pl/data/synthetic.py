@@ -10,7 +10,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from xception_pl.slurm import ignore_stop_signals_in_worker
+from xception_pl.data.workers import ignore_stop_signals_in_worker
 
 
 class SyntheticImages(Dataset):

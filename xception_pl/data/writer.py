@@ -168,14 +168,14 @@ def write_shards(
     if labels and not src.is_dir():
         raise ValueError(f"--labels {labels} needs --source to be the folder of the images it names")
     if src.is_dir() and labels:
-        items, names, count = csv_items(src, labels, classes, num_classes)
+        items, names, num_classes = csv_items(src, labels, classes, num_classes)
         multilabel = False
     elif src.is_dir():
         items, names = folder_items(src, classes)
-        multilabel, count = False, len(names)
+        multilabel, num_classes = False, len(names)
     elif src.is_file():
         names = read_classes(classes or class_names) if classes or class_names else None
-        items, count = jsonl_items(src, num_classes if num_classes is not None or names is None else len(names))
+        items, num_classes = jsonl_items(src, num_classes if num_classes is not None or names is None else len(names))
         multilabel = True
     else:
         raise FileNotFoundError(f"--source {source} does not exist (give an image folder tree or a .jsonl file)")
@@ -209,7 +209,7 @@ def write_shards(
         "format": "xception_pl.shards/1",
         "shards": shards.done,
         "num_samples": sum(s["count"] for s in shards.done),
-        "num_classes": count,
+        "num_classes": num_classes,
         "class_names": names,
         "multilabel": multilabel,
         "skipped": {"count": len(skipped),
