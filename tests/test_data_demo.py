@@ -9,7 +9,7 @@ from jsonargparse import ArgumentParser
 from xception_pl.data import DemoDataModule, WebDatasetDataModule, make_demo_data
 from xception_pl.data.demo import DEMO_SHARDS
 
-SMALL = dict(num_classes=4, images_per_class=8, val_images_per_class=4, image_size=48)
+SMALL = dict(num_classes=4, train_images_per_class=8, val_images_per_class=4, source_size=48)
 
 
 def build(root: str) -> str:

@@ -64,8 +64,8 @@ def test_our_checkpoint_starts_a_fit_on_ten_classes_from_its_polyak_weights(tmp_
     first["state_dict"]["network.entry_flow.0.conv.weight"] += 0.5
     torch.save(first, tmp_path / "source.ckpt")
 
-    ten = make_demo_data(str(tmp_path / "demo"), num_classes=10, images_per_class=2, val_images_per_class=1,
-                         image_size=71)
+    ten = make_demo_data(str(tmp_path / "demo"), num_classes=10, train_images_per_class=2, val_images_per_class=1,
+                         source_size=71)
     second = fit(tmp_path / "run2", ten, "--model.pretrained", str(tmp_path / "source.ckpt"),
                  "--model.freeze_backbone_samples", "8", "--trainer.max_steps", "2")
     raw = second["current_model_state"]

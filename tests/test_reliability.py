@@ -34,7 +34,7 @@ STEPS_PER_EPOCH, EPOCHS = 6, 2  # 24 demo images in batches of 4
 @pytest.fixture(scope="module")
 def demo_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("demo")
-    make_demo_data(str(root), num_classes=3, images_per_class=8, val_images_per_class=4, image_size=32)
+    make_demo_data(str(root), num_classes=3, train_images_per_class=8, val_images_per_class=4, source_size=32)
     return root
 
 

@@ -25,7 +25,7 @@ from xception_pl.data import make_demo_data
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH = 4
-DEMO = dict(num_classes=4, images_per_class=8, val_images_per_class=4, image_size=80)  # 4 steps/epoch on 2 ranks
+DEMO = dict(num_classes=4, train_images_per_class=8, val_images_per_class=4, source_size=80)  # 4 steps/epoch on 2 ranks
 JOB_ENV = {"PYTHONPATH": str(ROOT), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}  # 2 ranks share 2 cores
 
 
@@ -46,8 +46,8 @@ def cpu_config(job_dir: Path, demo_root: Path, multilabel: bool, max_steps: int,
         "model": {"ema_decay": 0.5, "channels_last": False},
         "data": {"class_path": "xception_pl.data.DemoDataModule",
                  "init_args": {"root": str(demo_root), "multilabel": multilabel, "num_classes": DEMO["num_classes"],
-                               "train_images_per_class": DEMO["images_per_class"],
-                               "val_images_per_class": DEMO["val_images_per_class"], "source_size": DEMO["image_size"],
+                               "train_images_per_class": DEMO["train_images_per_class"],
+                               "val_images_per_class": DEMO["val_images_per_class"], "source_size": DEMO["source_size"],
                                "batch_size": BATCH, "num_workers": num_workers, "image_size": IMAGE,
                                "eval_resize": 80}},
     }

@@ -71,16 +71,16 @@ def write_source(folder: Path, images_per_class: int, num_classes: int, multilab
     return folder / "labels.jsonl"
 
 
-def make_demo_data(root: str = DEMO_ROOT, num_classes: int = 10, images_per_class: int = 100,
-                   val_images_per_class: int = 20, image_size: int = 112, multilabel: bool = False,
+def make_demo_data(root: str = DEMO_ROOT, num_classes: int = 10, train_images_per_class: int = 100,
+                   val_images_per_class: int = 20, source_size: int = 112, multilabel: bool = False,
                    seed: int = 0) -> Path:
     """Build (once) and return `root/<variant>/` holding shard directories train/ and val/.
 
     Safe when several processes call it at once (a file lock, and the data is built in a temporary
     directory and renamed into place, so a crash never leaves a half-built variant).
     """
-    name = f"{'multilabel' if multilabel else 'single'}-c{num_classes}-n{images_per_class}-v{val_images_per_class}" \
-           f"-s{image_size}-seed{seed}-v{DEMO_VERSION}"
+    name = f"{'multilabel' if multilabel else 'single'}-c{num_classes}-n{train_images_per_class}" \
+           f"-v{val_images_per_class}-s{source_size}-seed{seed}-v{DEMO_VERSION}"
     base = Path(root).expanduser()
     final = base / name
     if (final / "val" / "manifest.json").is_file():
@@ -90,9 +90,9 @@ def make_demo_data(root: str = DEMO_ROOT, num_classes: int = 10, images_per_clas
         if (final / "val" / "manifest.json").is_file():  # another process built it while we waited
             return final
         with tempfile.TemporaryDirectory(dir=base, prefix=f".{name}-") as tmp:
-            splits = (("train", images_per_class, seed), ("val", val_images_per_class, seed + 1))
+            splits = (("train", train_images_per_class, seed), ("val", val_images_per_class, seed + 1))
             for split, count, split_seed in splits:
-                source = write_source(Path(tmp) / "source" / split, count, num_classes, multilabel, image_size,
+                source = write_source(Path(tmp) / "source" / split, count, num_classes, multilabel, source_size,
                                       split_seed)
                 write_shards(str(source), str(Path(tmp) / "build" / split), workers=1, progress=False,
                              shard_size=max(1, -(-count * num_classes // DEMO_SHARDS)),
