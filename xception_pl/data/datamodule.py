@@ -83,7 +83,7 @@ class WebDatasetDataModule(L.LightningDataModule):
         predict_size: int | None = None,
         num_classes: int | None = None,
         multilabel: bool | None = None,
-        batch_size: int = 64,
+        batch_size: int = 32,
         num_workers: int = 8,
         image_size: int = 299,
         eval_resize: int = 333,

@@ -112,12 +112,11 @@ class DemoDataModule(WebDatasetDataModule):
         train_images_per_class: training images per class.
         val_images_per_class: validation images per class.
         source_size: side of the generated square images.
-        batch_size: samples per batch, per device.
         num_workers: DataLoader worker processes per device.
         image_size: side of the square crops fed to the network.
         eval_resize: evaluation resizes the shorter side to this, then centre-crops image_size.
         shuffle_buffer: raw training samples each worker shuffles in memory.
-        **kwargs: the other arguments of WebDatasetDataModule (seed: of the training stream; the images
+        **kwargs: the other arguments of WebDatasetDataModule (batch_size; seed: of the training stream; the images
             themselves use seed 0 and 1).
     """
 
@@ -129,7 +128,6 @@ class DemoDataModule(WebDatasetDataModule):
         train_images_per_class: int = 100,
         val_images_per_class: int = 20,
         source_size: int = 112,
-        batch_size: int = 32,
         num_workers: int = 2,
         image_size: int = 96,
         eval_resize: int = 107,
@@ -141,5 +139,5 @@ class DemoDataModule(WebDatasetDataModule):
         # Sizes named (None: from the manifests) so that the command line offers none: the demo fixes them.
         super().__init__(
             train=str(data / "train"), val=val, test=val, predict=val, train_size=None, val_size=None,
-            test_size=None, predict_size=None, batch_size=batch_size, num_workers=num_workers, image_size=image_size,
+            test_size=None, predict_size=None, num_workers=num_workers, image_size=image_size,
             eval_resize=eval_resize, shuffle_buffer=shuffle_buffer, **kwargs)

@@ -28,6 +28,7 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
+from xception_pl.checkpointing import write_atomically
 from xception_pl.data.labels import csv_items, folder_items, read_classes, sample_key
 from xception_pl.data.sources import MANIFEST
 
@@ -220,9 +221,7 @@ def write_shards(
     }
     if skipped:
         print(f"left out {len(skipped)} images:", *(f"  {p}: {e}" for p, e in skipped), sep="\n", file=sys.stderr)
-    tmp = out / f"{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, previous)
+    write_atomically(previous, json.dumps(manifest, indent=1))  # the shards are visible from here on
     return manifest
 
 
