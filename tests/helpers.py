@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,13 @@ def tiny_trainer(root: Path, **kwargs: Any) -> L.Trainer:
                     plugins=[AtomicCheckpointIO()],
                     logger=L.pytorch.loggers.TensorBoardLogger(root, name="", version=""))
     return L.Trainer(**{**defaults, **kwargs})
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:

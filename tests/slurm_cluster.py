@@ -126,6 +126,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import free_port
+
 __all__ = [
     "SlurmCluster",
     "SlurmClusterError",
@@ -194,13 +196,6 @@ STOP_TIMEOUT_S = 15.0
 
 class SlurmClusterError(RuntimeError):
     """Raised when the private cluster cannot be started or a command fails."""
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _free_ports(n: int) -> list[int]:
