@@ -22,7 +22,7 @@ import webdataset as wds
 import yaml
 
 from tests.crash import TinyNetwork
-from tests.helpers import tiny_data, tiny_module, tiny_trainer
+from tests.helpers import run_config, synthetic_data, tiny_data, tiny_module, tiny_trainer
 from tests.test_data_helpers import bomb_jpeg, jpeg, shards
 from xception_pl import Xception, slurm
 from xception_pl.cli import main
@@ -46,17 +46,11 @@ class Payload:
 def inputs(tmp_path_factory) -> Path:
     """A good config (synthetic data, a tiny network) and the bad files the table points at."""
     tmp = tmp_path_factory.mktemp("inputs")
-    config = {
-        "trainer": {"accelerator": "cpu", "devices": 1, "max_epochs": 1, "default_root_dir": str(tmp / "run"),
-                    "enable_progress_bar": False, "enable_model_summary": False, "num_sanity_val_steps": 0},
-        "data": {"class_path": "xception_pl.data.synthetic.SyntheticDataModule",
-                 "init_args": {"num_classes": 6, "train_size": 8, "val_size": 4, "batch_size": 4, "image_size": 32}},
-        "model": {"network": {"class_path": "tests.crash.TinyNetwork"}, "ema_decay": None,
-                  "optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.01, "momentum": 0.9}},
-                  "lr_scheduler": {"class_path": "xception_pl.schedules.SampleStepDecay",
-                                   "init_args": {"decay_rate": 0.5, "decay_every_samples": 8}}},
-    }
-    (tmp / "good.yaml").write_text(yaml.safe_dump(config))
+    run_config(tmp / "good.yaml", tmp / "run", data=synthetic_data(train_size=8, val_size=4, image_size=32),
+               trainer={"num_sanity_val_steps": 0, "log_every_n_steps": None},  # None: Lightning's default
+               model={"network": {"class_path": "tests.crash.TinyNetwork"}, "ema_decay": None,
+                      "lr_scheduler": {"class_path": "xception_pl.schedules.SampleStepDecay",
+                                       "init_args": {"decay_rate": 0.5, "decay_every_samples": 8}}})
     typo = yaml.safe_load((tmp / "good.yaml").read_text())
     typo["trainer"]["max_epoch"] = typo["trainer"].pop("max_epochs")
     (tmp / "typo.yaml").write_text(yaml.safe_dump(typo))

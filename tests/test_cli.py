@@ -8,32 +8,15 @@ import pytest
 import torch
 import yaml
 
-from tests.helpers import IMAGE, scalars
+from tests.helpers import run_config, scalars
 from xception_pl.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def write_config(path: Path, run_dir: Path, **model) -> Path:
-    config = {
-        "trainer": {"accelerator": "cpu", "devices": 1, "max_epochs": 1, "default_root_dir": str(run_dir),
-                    "log_every_n_steps": 1, "enable_progress_bar": False, "enable_model_summary": False},
-        "data": {"class_path": "xception_pl.data.synthetic.SyntheticDataModule",
-                 "init_args": {"num_classes": 6, "train_size": 16, "val_size": 8, "batch_size": 4,
-                               "image_size": IMAGE}},
-        "model": {"ema_decay": 0.5,
-                  "optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.01, "momentum": 0.9}},
-                  "lr_scheduler": {"class_path": "xception_pl.schedules.SampleStepDecay",
-                                   "init_args": {"decay_rate": 0.5, "decay_every_samples": 12}},
-                  **model},
-    }
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
 def test_fit_writes_checkpoints_config_and_tensorboard_scalars(tmp_path):
     run = tmp_path / "run"
-    main(["fit", "--config", str(write_config(tmp_path / "c.yaml", run))])
+    main(["fit", "--config", str(run_config(tmp_path / "c.yaml", run))])
     assert {p.name for p in (run / "checkpoints").iterdir()} >= {"last.ckpt"}
     assert any(p.name.startswith("epoch=0-step=4-acc1=") for p in (run / "checkpoints").iterdir())
     assert (run / "config.yaml").is_file()
@@ -48,9 +31,9 @@ def test_fit_writes_checkpoints_config_and_tensorboard_scalars(tmp_path):
 
 def test_resume_from_last_continues_step_count_and_lr(tmp_path):
     once = tmp_path / "uninterrupted"
-    main(["fit", "--config", str(write_config(tmp_path / "a.yaml", once)), "--trainer.max_epochs", "2"])
+    main(["fit", "--config", str(run_config(tmp_path / "a.yaml", once)), "--trainer.max_epochs", "2"])
     twice = tmp_path / "resumed"
-    config = str(write_config(tmp_path / "b.yaml", twice))
+    config = str(run_config(tmp_path / "b.yaml", twice))
     main(["fit", "--config", config])
     with pytest.raises(SystemExit, match="already holds checkpoints of an earlier run"):
         main(["fit", "--config", config, "--trainer.max_epochs", "2"])
@@ -78,7 +61,7 @@ def run_module(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     (["--data.init_args.num_classes", "1"], "num_classes=1: need at least 2 classes"),
 ])
 def test_bad_configs_stop_before_training_with_a_message(tmp_path, override, message):
-    result = run_module("fit", "--config", str(write_config(tmp_path / "c.yaml", tmp_path / "run")), *override)
+    result = run_module("fit", "--config", str(run_config(tmp_path / "c.yaml", tmp_path / "run")), *override)
     assert result.returncode != 0
     assert message in result.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
@@ -100,10 +83,8 @@ def test_print_config_shows_the_linked_recipe(tmp_path):
 
 def test_an_override_reaches_interpolated_values(tmp_path):
     """parser_mode omegaconf+: ${...} resolves after command-line overrides are merged."""
-    config = write_config(tmp_path / "c.yaml", tmp_path / "run")
-    text = yaml.safe_load(config.read_text())
-    text["model"]["checkpoint_every_n_steps"] = "${..trainer.log_every_n_steps}"  # relative: works under any subcommand
-    config.write_text(yaml.safe_dump(text))
+    config = run_config(tmp_path / "c.yaml", tmp_path / "run",  # relative: works under any subcommand
+                        model={"checkpoint_every_n_steps": "${..trainer.log_every_n_steps}"})
     result = run_module("fit", "--config", str(config), "--trainer.log_every_n_steps", "7", "--print_config")
     assert result.returncode == 0, result.stderr
     assert yaml.safe_load(result.stdout)["model"]["checkpoint_every_n_steps"] == 7

@@ -15,11 +15,10 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from tests.crash import HOOKS, TinyNetwork, run_cli
-from tests.helpers import IMAGE, scalars, tiny_data, tiny_module, tiny_trainer
+from tests.helpers import IMAGE, run_config, scalars, tiny_data, tiny_module, tiny_trainer
 from tests.test_data_helpers import shards
 from xception_pl import callbacks
 from xception_pl.checkpointing import AtomicCheckpointIO, newest_checkpoint
@@ -41,23 +40,14 @@ def demo_root(tmp_path_factory) -> Path:
 def fit_config(path: Path, run: Path, demo_root: Path, network: str = "tests.crash.TinyNetwork",
                checkpoint_every_n_steps: int | None = 2, **trainer) -> Path:
     """Two epochs of 6 steps on the demo data; last.ckpt every 2 steps, validation (and best-k) every 3."""
-    config = {
-        "seed_everything": 0,
-        "trainer": {"accelerator": "cpu", "devices": 1, "max_epochs": EPOCHS, "default_root_dir": str(run),
-                    "log_every_n_steps": 1, "enable_progress_bar": False, "enable_model_summary": False,
-                    "num_sanity_val_steps": 0, "val_check_interval": 3, **trainer},
-        "model": {"network": {"class_path": network}, "ema_decay": 0.5, "save_top_k": 2,
-                  "checkpoint_every_n_steps": checkpoint_every_n_steps,
-                  "optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.01, "momentum": 0.9}},
-                  "lr_scheduler": {"class_path": "xception_pl.schedules.SampleStepDecay",
-                                   "init_args": {"decay_rate": 0.5, "decay_every_samples": 12}}},
-        "data": {"class_path": "xception_pl.data.DemoDataModule",
-                 "init_args": {"root": str(demo_root), "num_classes": 3, "train_images_per_class": 8,
-                               "val_images_per_class": 4, "source_size": 32, "batch_size": 4, "num_workers": 0,
-                               "image_size": IMAGE, "eval_resize": 80, "shuffle_buffer": 8}},
-    }
-    path.write_text(yaml.safe_dump(config))
-    return path
+    return run_config(
+        path, run, seed_everything=0,
+        trainer={"max_epochs": EPOCHS, "num_sanity_val_steps": 0, "val_check_interval": 3, **trainer},
+        model={"network": {"class_path": network}, "save_top_k": 2, "checkpoint_every_n_steps": checkpoint_every_n_steps},
+        data={"class_path": "xception_pl.data.DemoDataModule",
+              "init_args": {"root": str(demo_root), "num_classes": 3, "train_images_per_class": 8,
+                            "val_images_per_class": 4, "source_size": 32, "batch_size": 4, "num_workers": 0,
+                            "image_size": IMAGE, "eval_resize": 80, "shuffle_buffer": 8}})
 
 
 def final_state(run: Path) -> tuple[int, list[float]]:

@@ -21,7 +21,8 @@ DEMO = dict(num_classes=6, train_images_per_class=2, val_images_per_class=2, sou
 
 
 def tiny_base(folder: Path) -> Path:
-    """The CPU demo recipe cut to 4 steps at 71 px on demo shards of 12 images made in `folder`."""
+    """The CPU demo recipe cut to 4 steps at 71 px on demo shards of 12 images made in `folder`. A sweep base,
+    not tests.helpers.run_config: the sweep sets each run's directory, and the schedule is the module's own."""
     config = {
         "seed_everything": 0,
         "trainer": {"accelerator": "cpu", "devices": 1, "max_epochs": 1, "val_check_interval": 2,

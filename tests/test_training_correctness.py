@@ -12,8 +12,7 @@ from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
 
 from tests.crash import TinyNetwork
-from tests.helpers import tiny_data, tiny_module, tiny_trainer
-from tests.test_cli import write_config
+from tests.helpers import run_config, tiny_data, tiny_module, tiny_trainer
 from xception_pl.cli import XceptionCLI, main
 from xception_pl.metrics import MeanAveragePrecisionAtK
 from xception_pl.model import Xception
@@ -154,7 +153,7 @@ def test_the_final_checkpoint_keeps_the_raw_weights_and_a_resume_continues_from_
 ], ids=["xception-fc", "inception-v3"])
 def test_a_checkpoint_rebuilds_its_network_optimizer_and_schedule_without_arguments(tmp_path, network):
     run = tmp_path / "run"
-    config = write_config(tmp_path / "c.yaml", run, network=network)
+    config = run_config(tmp_path / "c.yaml", run, model={"network": network})
     main(["fit", "--config", str(config), "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0",
           "--data.init_args.image_size", "75"])  # Inception V3's smallest input
     module = XceptionModule.load_from_checkpoint(run / "checkpoints" / "last.ckpt")
@@ -169,13 +168,9 @@ def test_a_checkpoint_rebuilds_its_network_optimizer_and_schedule_without_argume
 def test_a_users_callbacks_win_over_ours(tmp_path, caplog):
     caplog.set_level("INFO")
     run = tmp_path / "run"
-    config = write_config(tmp_path / "c.yaml", run)
-    import yaml
-
-    content = yaml.safe_load(config.read_text())
-    content["trainer"]["callbacks"] = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                                        "init_args": {"dirpath": str(tmp_path / "mine"), "monitor": "train/loss"}}]
-    config.write_text(yaml.safe_dump(content))
+    config = run_config(tmp_path / "c.yaml", run, trainer={"callbacks": [
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+         "init_args": {"dirpath": str(tmp_path / "mine"), "monitor": "train/loss"}}]})
     cli = XceptionCLI(args=["--config", str(config), "--trainer.callbacks+=lightning.pytorch.callbacks.EMAWeightAveraging"],
                       run=False)
     kinds = [type(c).__name__ for c in cli.trainer.callbacks]
@@ -196,8 +191,8 @@ def test_fit_ends_cleanly_with_a_logger_other_than_tensorboard(tmp_path):
 
 def test_on_resume_the_configs_optimizer_and_schedule_win_and_the_change_is_said(tmp_path, capsys, caplog):
     run = tmp_path / "run"
-    main(["fit", "--config", str(write_config(tmp_path / "c.yaml", run)), "--trainer.max_steps", "2"])
-    main(["fit", "--config", str(write_config(tmp_path / "c.yaml", run)), "--ckpt_path", "last",
+    main(["fit", "--config", str(run_config(tmp_path / "c.yaml", run)), "--trainer.max_steps", "2"])
+    main(["fit", "--config", str(run_config(tmp_path / "c.yaml", run)), "--ckpt_path", "last",
           "--trainer.max_steps", "3", "--trainer.max_epochs", "2", "--model.optimizer.init_args.momentum", "0.5",
           "--model.optimizer.init_args.lr", "0.02", "--model.lr_scheduler.init_args.decay_rate", "0.25"])
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
