@@ -8,6 +8,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.plugins import MixedPrecision
 import yaml
 
 from xception_pl.checkpointing import AtomicCheckpointIO
@@ -83,3 +84,41 @@ def run_config(path: Path, run_dir: Path, *, data: dict[str, Any] | None = None,
     }
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+# Shared by test_training_correctness and test_nonfinite: a fused SGD, fp16 on CPU, a recorder of each batch.
+fused_sgd = {"optimizer": lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9, fused=True)}
+
+
+def fp16_on_cpu() -> MixedPrecision:
+    return MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**8))
+
+
+class Recorder(L.Callback):
+    """Loss per batch; weights, BN statistics and the Polyak copy before and after each batch; an inf pixel
+    in the batches listed in `poison`."""
+
+    def __init__(self, poison: set[int] = frozenset()) -> None:
+        self.poison, self.losses, self.states = poison, [], {}
+
+    def snapshot(self, trainer, pl_module) -> dict[str, dict[str, torch.Tensor]]:
+        ema = trainer.callbacks and next((c for c in trainer.callbacks if hasattr(c, "_average_model")), None)
+        tensors = {"network": {k: v.clone() for k, v in pl_module.network.state_dict().items()}}
+        if ema is not None and ema._average_model is not None:
+            tensors["ema"] = {k: v.clone() for k, v in ema._average_model.module.network.state_dict().items()}
+        lr = trainer.optimizers[0].param_groups[0]["lr"]
+        return {**tensors, "lr": lr}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.states[f"before {batch_idx}"] = self.snapshot(trainer, pl_module)
+        if batch_idx in self.poison:
+            batch["image"][0, 0, 0, 0] = float("inf")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.states[f"after {batch_idx}"] = self.snapshot(trainer, pl_module)
+        self.losses.append(float(outputs["loss"]))
+
+
+def changed(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list[str]:
+    return [k for k in a if not torch.equal(a[k], b[k])]
+

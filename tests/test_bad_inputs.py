@@ -21,8 +21,7 @@ import torch
 import webdataset as wds
 import yaml
 
-from tests.crash import TinyNetwork
-from tests.helpers import run_config, synthetic_data, tiny_data, tiny_module, tiny_trainer
+from tests.helpers import run_config, synthetic_data
 from tests.test_data_helpers import bomb_jpeg, jpeg, shards
 from xception_pl import Xception, slurm
 from xception_pl.cli import main
@@ -266,19 +265,7 @@ def test_a_truncated_shard_is_counted_and_the_next_shard_is_read(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Training values that go wrong at run time
-
-
-def test_a_non_finite_loss_stops_with_the_step_and_the_fix(tmp_path):
-    data = tiny_data(image_size=32)
-    module = tiny_module(data, network=TinyNetwork, ema_decay=None)
-    module.network.fc.bias.data[0] = float("nan")
-    with pytest.raises(FloatingPointError, match=r"at global step 0 \(batch 0 of its epoch\); that step and any after "
-                                                 r"it were skipped, so the weights and the last checkpoint are intact\. "
-                                                 r"Lower the lr"):
-        tiny_trainer(tmp_path, limit_val_batches=0).fit(module, data)
-
-
+# Training values that go wrong at run time (a non-finite loss): tests/test_nonfinite.py.
 # Checkpoint writes that fail (disk full, quota, permissions, read-only): tests/test_reliability.py
 # (test_a_failed_checkpoint_write_stops_training_keeps_the_previous_file_and_names_the_fix).
 
