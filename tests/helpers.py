@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.plugins import MixedPrecision
 import yaml
+from lightning.pytorch.plugins import MixedPrecision
 
 from xception_pl.checkpointing import AtomicCheckpointIO
 from xception_pl.data.synthetic import SyntheticDataModule
 from xception_pl.module import XceptionModule
 from xception_pl.schedules import SampleStepDecay
 
+ROOT = Path(__file__).resolve().parents[1]  # the repository: configs/, slurm/
 IMAGE = 71  # Xception's smallest input keeps CPU steps fast
 
 
@@ -56,6 +59,12 @@ def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     events = EventAccumulator(str(run_dir))
     events.Reload()
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def run_module(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "xception_pl", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
+
 
 
 def synthetic_data(**init_args: Any) -> dict[str, Any]:

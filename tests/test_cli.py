@@ -1,17 +1,12 @@
-"""The command line end to end: LightningCLI, configs, TensorBoard files, checkpoints, resume, bad configs."""
-
-import subprocess
-import sys
-from pathlib import Path
+"""The command line end to end: LightningCLI, configs, TensorBoard files, checkpoints, resume. (Bad configs and
+command lines: tests/test_bad_inputs.py.)"""
 
 import pytest
 import torch
 import yaml
 
-from tests.helpers import run_config, scalars
+from tests.helpers import run_config, run_module, scalars
 from xception_pl.cli import main
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_fit_writes_checkpoints_config_and_tensorboard_scalars(tmp_path):
@@ -47,29 +42,6 @@ def test_resume_from_last_continues_step_count_and_lr(tmp_path):
     assert final(once) == final(twice) == (8, 32, [0.01 * 0.5 ** 2] * 2)  # two param groups
     steps = [s for s, _ in scalars(twice)["train/lr"]]
     assert steps == list(range(8))  # the step count continued, it did not restart
-
-
-def run_module(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "xception_pl", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300)
-
-
-@pytest.mark.parametrize("override, message", [
-    (["--model.optimizer.class_path", "torch.optim.NoSuchOptimizer"], "NoSuchOptimizer"),
-    (["--model.optimizer.init_args.lr", "-0.1"], "Invalid learning rate: -0.1"),
-    (["--model.ema_decay", "1.5"], "model.ema_decay=1.5 must be in (0, 1)"),
-    (["--data.init_args.num_classes", "1"], "num_classes=1: need at least 2 classes"),
-])
-def test_bad_configs_stop_before_training_with_a_message(tmp_path, override, message):
-    result = run_module("fit", "--config", str(run_config(tmp_path / "c.yaml", tmp_path / "run")), *override)
-    assert result.returncode != 0
-    assert message in result.stderr
-    assert not (tmp_path / "run" / "checkpoints").exists()
-
-
-def test_missing_config_file_is_named(tmp_path):
-    result = run_module("fit", "--config", str(tmp_path / "nope.yaml"))
-    assert result.returncode != 0 and "nope.yaml" in result.stderr
 
 
 def test_print_config_shows_the_linked_recipe(tmp_path):
