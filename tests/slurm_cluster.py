@@ -10,7 +10,7 @@ Register the module as a pytest plugin, best once in ``tests/conftest.py``::
 
     pytest_plugins = ["tests.slurm_cluster"]
 
-(or in the test module itself, as tests/test_slurm_cluster.py does; listing it in both
+(or in the test module itself, as tests/system/test_slurm_cluster.py does; listing it in both
 places is fine and still gives ONE session cluster). Prefer this over
 ``from tests.slurm_cluster import slurm_cluster``: an imported fixture is a separate
 fixture definition per module, i.e. a second cluster. Then ask for ``slurm_cluster``::
@@ -68,7 +68,7 @@ after 15 s), SIGKILL any process still carrying this cluster's marker env var
 Daemons get ``PR_SET_PDEATHSIG`` so a killed pytest does not leave them running; job
 steps of such a run are reaped by the next cluster start (:func:`reap_dead_clusters`).
 
-What was verified here (see tests/test_slurm_cluster.py)
+What was verified here (see tests/system/test_slurm_cluster.py)
 ---------------------------------------------------------
 * ``sbatch -N2 --ntasks-per-node=1`` + ``srun``: rank 0 on node1, rank 1 on node2,
   ``SLURM_PROCID``/``SLURMD_NODENAME``/``SLURM_NTASKS=2``; both "nodes" are this host

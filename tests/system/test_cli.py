@@ -1,5 +1,5 @@
 """The command line end to end: LightningCLI, configs, TensorBoard files, checkpoints, resume. (Bad configs and
-command lines: tests/test_bad_inputs.py.)"""
+command lines: tests/component/test_bad_inputs.py.)"""
 
 import pytest
 import torch

@@ -1,6 +1,6 @@
 """What survives which failure: kill -9 at any moment, a resume in the middle of an epoch, a full disk, a restart
 of the best-k bookkeeping; and the same loss curve from the same seed on CPU. (A non-finite loss:
-tests/test_nonfinite.py.)"""
+tests/component/test_nonfinite.py.)"""
 
 from __future__ import annotations
 
@@ -20,14 +20,14 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from tests.crash import HOOKS, TinyNetwork, run_cli
 from tests.helpers import IMAGE, run_config, scalars, tiny_data, tiny_module, tiny_trainer
-from tests.test_data_helpers import shards
+from tests.data_helpers import shards
 from xception_pl import callbacks
 from xception_pl.checkpointing import AtomicCheckpointIO, newest_checkpoint
 from xception_pl.cli import main
 from xception_pl.data import WebDatasetDataModule, make_demo_data
 from xception_pl.module import XceptionModule
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STEPS_PER_EPOCH, EPOCHS = 6, 2  # 24 demo images in batches of 4
 
 
@@ -226,7 +226,7 @@ def test_same_seed_and_config_give_the_same_loss_curve_to_the_last_digit(tmp_pat
     curves = []
     for name in ("first", "second"):
         config = fit_config(tmp_path / f"{name}.yaml", tmp_path / name, demo_root, network="xception_pl.Xception",
-                            max_steps=3)  # (data workers draw the same streams: tests/test_data_pipeline.py)
+                            max_steps=3)  # (data workers draw the same streams: tests/component/test_data_pipeline.py)
         main(["fit", "--config", str(config), "--model.checkpoint_every_n_steps", "null", "--model.save_top_k", "0"])
         logged = scalars(tmp_path / name)
         curves.append({tag: logged[tag] for tag in ("train/loss", "train/lr", "val/loss", "val/acc1")})

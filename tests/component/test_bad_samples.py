@@ -1,6 +1,6 @@
 """Bad samples inside the shards: each is skipped and counted per reason (data/skipped, SKIP_REASONS), never
 decoded when its header is too large, never fatal; the good samples around it are still served and training goes on.
-(Bad inputs that stop a run: tests/test_bad_inputs.py.)"""
+(Bad inputs that stop a run: tests/component/test_bad_inputs.py.)"""
 
 import json
 import logging
@@ -10,7 +10,7 @@ import zlib
 import pytest
 import webdataset as wds
 
-from tests.test_data_helpers import add_shard, bomb_jpeg, jpeg, shards
+from tests.data_helpers import add_shard, bomb_jpeg, jpeg, shards
 from xception_pl.data import SKIP_REASONS, WebDatasetDataModule
 
 

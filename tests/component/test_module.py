@@ -1,5 +1,5 @@
 """XceptionModule on tiny synthetic data: losses, weight decay groups, EMA, predict (non-finite losses:
-tests/test_nonfinite.py)."""
+tests/component/test_nonfinite.py)."""
 
 import lightning as L
 import pytest

@@ -11,7 +11,7 @@ import yaml
 
 from tests.helpers import scalars
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_cli(tmp_path: Path, subcommand: str, name: str, devices: int, *args: str, data: dict | None = None,

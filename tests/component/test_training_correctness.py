@@ -1,6 +1,6 @@
 """The paths a GPU user takes first, taken on CPU: fp16 through a GradScaler, fp32 logits under bf16, the final
 checkpoint's raw weights, checkpoints that rebuild their model, the user's callbacks and loggers, and config edits
-on resume. (A skipped non-finite batch: tests/test_nonfinite.py.)"""
+on resume. (A skipped non-finite batch: tests/component/test_nonfinite.py.)"""
 
 import copy
 

@@ -4,7 +4,7 @@ A mistake in the config, on the command line, in a path or a file given to load 
 with one line that names the fix (`error: ...` from `python -m xception_pl`, or the exception of the API that
 was called). Cases marked "raises" stop with an exception whose last line is the message (a traceback above it):
 they are found inside trainer.fit, after the model and data are built. A bad sample inside the shards is
-skipped and counted instead (tests/test_bad_samples.py); a non-finite loss: tests/test_nonfinite.py.
+skipped and counted instead (tests/component/test_bad_samples.py); a non-finite loss: tests/component/test_nonfinite.py.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from tests.helpers import run_config, run_module, synthetic_data
-from tests.test_data_helpers import shards
+from tests.data_helpers import shards
 from xception_pl import Xception, slurm
 from xception_pl.cli import main
 from xception_pl.data import WebDatasetDataModule
@@ -277,12 +277,12 @@ def test_manifests_that_disagree_are_refused(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Samples inside the shards are skipped and counted, not fatal: tests/test_bad_samples.py
+# Samples inside the shards are skipped and counted, not fatal: tests/component/test_bad_samples.py
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Training values that go wrong at run time (a non-finite loss): tests/test_nonfinite.py.
-# Checkpoint writes that fail (disk full, quota, permissions, read-only): tests/test_reliability.py
+# Training values that go wrong at run time (a non-finite loss): tests/component/test_nonfinite.py.
+# Checkpoint writes that fail (disk full, quota, permissions, read-only): tests/system/test_reliability.py
 # (test_a_failed_checkpoint_write_stops_training_keeps_the_previous_file_and_names_the_fix).
 
 # ---------------------------------------------------------------------------------------------------------

@@ -12,11 +12,11 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tests.helpers import run_config, tiny_data, tiny_module, tiny_trainer
-from tests.test_data_helpers import shards
+from tests.data_helpers import shards
 from xception_pl.data import WebDatasetDataModule
 from xception_pl.progress import ProgressBar, eval_batches
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_log_file_gets_one_line_per_logging_step_and_per_validation(tmp_path):

@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from tests.helpers import free_port
-from tests.test_data_helpers import shards
+from tests.data_helpers import shards
 from xception_pl.data import WebDatasetDataModule
 
 SAMPLES = 23  # odd on purpose: 8 shards of 3, the last one short

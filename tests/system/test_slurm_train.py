@@ -23,7 +23,7 @@ from tests.slurm_cluster import JobResult, SlurmCluster
 from xception_pl import slurm
 from xception_pl.data import make_demo_data
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BATCH = 4
 DEMO = dict(num_classes=4, train_images_per_class=8, val_images_per_class=4, source_size=80)  # 4 steps/epoch on 2 ranks
 JOB_ENV = {"PYTHONPATH": str(ROOT), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}  # 2 ranks share 2 cores

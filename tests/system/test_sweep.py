@@ -14,7 +14,7 @@ import yaml
 from tests.helpers import IMAGE, scalars
 from xception_pl.sweep import load_study
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STEPS = 4  # one epoch: 6 classes x 2 images / batch 3
 BATCH = 3
 DEMO = dict(num_classes=6, train_images_per_class=2, val_images_per_class=2, source_size=80)  # 6 classes: top-5 too
