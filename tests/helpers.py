@@ -1,18 +1,24 @@
-"""Small builders shared by the training tests: tiny synthetic data, a tiny fast trainer."""
+"""Small builders shared by the training tests: tiny synthetic data, a tiny fast trainer, a run config file."""
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+import yaml
+from lightning.pytorch.plugins import MixedPrecision
 
 from xception_pl.checkpointing import AtomicCheckpointIO
 from xception_pl.data.synthetic import SyntheticDataModule
 from xception_pl.module import XceptionModule
 from xception_pl.schedules import SampleStepDecay
 
+ROOT = Path(__file__).resolve().parents[1]  # the repository: configs/, slurm/
 IMAGE = 71  # Xception's smallest input keeps CPU steps fast
 
 
@@ -39,6 +45,13 @@ def tiny_trainer(root: Path, **kwargs: Any) -> L.Trainer:
     return L.Trainer(**{**defaults, **kwargs})
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """Every scalar in the run's TensorBoard event files, read back with TensorBoard's own reader."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -46,3 +59,75 @@ def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     events = EventAccumulator(str(run_dir))
     events.Reload()
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def run_module(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "xception_pl", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
+
+
+
+def synthetic_data(**init_args: Any) -> dict[str, Any]:
+    """The `data:` section of tiny_data(): 6 classes, 16 training and 8 validation images in batches of 4."""
+    return {"class_path": "xception_pl.data.synthetic.SyntheticDataModule",
+            "init_args": {"num_classes": 6, "train_size": 16, "val_size": 8, "batch_size": 4, "image_size": IMAGE,
+                          **init_args}}
+
+
+def run_config(path: Path, run_dir: Path, *, data: dict[str, Any] | None = None, model: dict[str, Any] | None = None,
+               trainer: dict[str, Any] | None = None, **top: Any) -> Path:
+    """Write a `fit --config` YAML to `path`: one quiet CPU epoch into run_dir on synthetic_data() with SGD and a
+    sample-step decay, as tiny_trainer and tiny_module build in-process. `trainer` and `model` keys override
+    single keys; `data` replaces the whole section; `top` adds top-level keys (seed_everything)."""
+    config = {
+        **top,
+        "trainer": {"accelerator": "cpu", "devices": 1, "max_epochs": 1, "default_root_dir": str(run_dir),
+                    "log_every_n_steps": 1, "enable_progress_bar": False, "enable_model_summary": False,
+                    **(trainer or {})},
+        "data": data or synthetic_data(),
+        "model": {"ema_decay": 0.5,
+                  "optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.01, "momentum": 0.9}},
+                  "lr_scheduler": {"class_path": "xception_pl.schedules.SampleStepDecay",
+                                   "init_args": {"decay_rate": 0.5, "decay_every_samples": 12}},
+                  **(model or {})},
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+# Shared by test_training_correctness and test_nonfinite: a fused SGD, fp16 on CPU, a recorder of each batch.
+fused_sgd = {"optimizer": lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9, fused=True)}
+
+
+def fp16_on_cpu() -> MixedPrecision:
+    return MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**8))
+
+
+class Recorder(L.Callback):
+    """Loss per batch; weights, BN statistics and the Polyak copy before and after each batch; an inf pixel
+    in the batches listed in `poison`."""
+
+    def __init__(self, poison: set[int] = frozenset()) -> None:
+        self.poison, self.losses, self.states = poison, [], {}
+
+    def snapshot(self, trainer, pl_module) -> dict[str, dict[str, torch.Tensor]]:
+        ema = trainer.callbacks and next((c for c in trainer.callbacks if hasattr(c, "_average_model")), None)
+        tensors = {"network": {k: v.clone() for k, v in pl_module.network.state_dict().items()}}
+        if ema is not None and ema._average_model is not None:
+            tensors["ema"] = {k: v.clone() for k, v in ema._average_model.module.network.state_dict().items()}
+        lr = trainer.optimizers[0].param_groups[0]["lr"]
+        return {**tensors, "lr": lr}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.states[f"before {batch_idx}"] = self.snapshot(trainer, pl_module)
+        if batch_idx in self.poison:
+            batch["image"][0, 0, 0, 0] = float("inf")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.states[f"after {batch_idx}"] = self.snapshot(trainer, pl_module)
+        self.losses.append(float(outputs["loss"]))
+
+
+def changed(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list[str]:
+    return [k for k in a if not torch.equal(a[k], b[k])]
+

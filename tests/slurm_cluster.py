@@ -10,7 +10,7 @@ Register the module as a pytest plugin, best once in ``tests/conftest.py``::
 
     pytest_plugins = ["tests.slurm_cluster"]
 
-(or in the test module itself, as tests/test_slurm_cluster.py does; listing it in both
+(or in the test module itself, as tests/system/test_slurm_cluster.py does; listing it in both
 places is fine and still gives ONE session cluster). Prefer this over
 ``from tests.slurm_cluster import slurm_cluster``: an imported fixture is a separate
 fixture definition per module, i.e. a second cluster. Then ask for ``slurm_cluster``::
@@ -68,7 +68,7 @@ after 15 s), SIGKILL any process still carrying this cluster's marker env var
 Daemons get ``PR_SET_PDEATHSIG`` so a killed pytest does not leave them running; job
 steps of such a run are reaped by the next cluster start (:func:`reap_dead_clusters`).
 
-What was verified here (see tests/test_slurm_cluster.py)
+What was verified here (see tests/system/test_slurm_cluster.py)
 ---------------------------------------------------------
 * ``sbatch -N2 --ntasks-per-node=1`` + ``srun``: rank 0 on node1, rank 1 on node2,
   ``SLURM_PROCID``/``SLURMD_NODENAME``/``SLURM_NTASKS=2``; both "nodes" are this host
@@ -125,6 +125,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import free_port
 
 __all__ = [
     "SlurmCluster",
@@ -194,13 +196,6 @@ STOP_TIMEOUT_S = 15.0
 
 class SlurmClusterError(RuntimeError):
     """Raised when the private cluster cannot be started or a command fails."""
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _free_ports(n: int) -> list[int]:

@@ -1,4 +1,4 @@
-"""Test-only callback for jobs of tests/test_slurm_train.py, passed to the CLI by class_path.
+"""Test-only callback for jobs of tests/system/test_slurm_train.py, passed to the CLI by class_path.
 
 Each rank writes <root>/probe/started-rank<R>-restart<N> after its first training step (the test
 signals the job only then) and, at the end of training, rank<R>-restart<N>.json: where it ran and

@@ -2,7 +2,6 @@
 
 import json
 import re
-import socket
 from datetime import timedelta
 
 import numpy as np
@@ -207,13 +206,9 @@ def ddp_worker(rank, port, out_dir):
     dist.destroy_process_group()
 
 
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_ddp_two_processes_with_uneven_shards_equal_one_process(tmp_path):
+    from tests.helpers import free_port  # here, not at the top: spawned workers re-import this module
+
     mp.spawn(ddp_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     preds, target, weights = ddp_case()
     expected = {}

@@ -1,5 +1,6 @@
-"""What survives which failure: kill -9 at any moment, a resume in the middle of an epoch, a non-finite loss,
-a full disk, a restart of the best-k bookkeeping; and the same loss curve from the same seed on CPU."""
+"""What survives which failure: kill -9 at any moment, a resume in the middle of an epoch, a full disk, a restart
+of the best-k bookkeeping; and the same loss curve from the same seed on CPU. (A non-finite loss:
+tests/component/test_nonfinite.py.)"""
 
 from __future__ import annotations
 
@@ -15,19 +16,18 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from tests.crash import HOOKS, TinyNetwork, run_cli
-from tests.helpers import IMAGE, scalars, tiny_data, tiny_module, tiny_trainer
-from tests.test_data_helpers import shards
+from tests.helpers import IMAGE, run_config, scalars, tiny_data, tiny_module, tiny_trainer
+from tests.data_helpers import shards
 from xception_pl import callbacks
 from xception_pl.checkpointing import AtomicCheckpointIO, newest_checkpoint
 from xception_pl.cli import main
 from xception_pl.data import WebDatasetDataModule, make_demo_data
 from xception_pl.module import XceptionModule
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STEPS_PER_EPOCH, EPOCHS = 6, 2  # 24 demo images in batches of 4
 
 
@@ -41,23 +41,14 @@ def demo_root(tmp_path_factory) -> Path:
 def fit_config(path: Path, run: Path, demo_root: Path, network: str = "tests.crash.TinyNetwork",
                checkpoint_every_n_steps: int | None = 2, **trainer) -> Path:
     """Two epochs of 6 steps on the demo data; last.ckpt every 2 steps, validation (and best-k) every 3."""
-    config = {
-        "seed_everything": 0,
-        "trainer": {"accelerator": "cpu", "devices": 1, "max_epochs": EPOCHS, "default_root_dir": str(run),
-                    "log_every_n_steps": 1, "enable_progress_bar": False, "enable_model_summary": False,
-                    "num_sanity_val_steps": 0, "val_check_interval": 3, **trainer},
-        "model": {"network": {"class_path": network}, "ema_decay": 0.5, "save_top_k": 2,
-                  "checkpoint_every_n_steps": checkpoint_every_n_steps,
-                  "optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.01, "momentum": 0.9}},
-                  "lr_scheduler": {"class_path": "xception_pl.schedules.SampleStepDecay",
-                                   "init_args": {"decay_rate": 0.5, "decay_every_samples": 12}}},
-        "data": {"class_path": "xception_pl.data.DemoDataModule",
-                 "init_args": {"root": str(demo_root), "num_classes": 3, "train_images_per_class": 8,
-                               "val_images_per_class": 4, "source_size": 32, "batch_size": 4, "num_workers": 0,
-                               "image_size": IMAGE, "eval_resize": 80, "shuffle_buffer": 8}},
-    }
-    path.write_text(yaml.safe_dump(config))
-    return path
+    return run_config(
+        path, run, seed_everything=0,
+        trainer={"max_epochs": EPOCHS, "num_sanity_val_steps": 0, "val_check_interval": 3, **trainer},
+        model={"network": {"class_path": network}, "save_top_k": 2, "checkpoint_every_n_steps": checkpoint_every_n_steps},
+        data={"class_path": "xception_pl.data.DemoDataModule",
+              "init_args": {"root": str(demo_root), "num_classes": 3, "train_images_per_class": 8,
+                            "val_images_per_class": 4, "source_size": 32, "batch_size": 4, "num_workers": 0,
+                            "image_size": IMAGE, "eval_resize": 80, "shuffle_buffer": 8}})
 
 
 def final_state(run: Path) -> tuple[int, list[float]]:
@@ -235,38 +226,12 @@ def test_same_seed_and_config_give_the_same_loss_curve_to_the_last_digit(tmp_pat
     curves = []
     for name in ("first", "second"):
         config = fit_config(tmp_path / f"{name}.yaml", tmp_path / name, demo_root, network="xception_pl.Xception",
-                            max_steps=3)  # (data workers draw the same streams: tests/test_data_pipeline.py)
+                            max_steps=3)  # (data workers draw the same streams: tests/component/test_data_pipeline.py)
         main(["fit", "--config", str(config), "--model.checkpoint_every_n_steps", "null", "--model.save_top_k", "0"])
         logged = scalars(tmp_path / name)
         curves.append({tag: logged[tag] for tag in ("train/loss", "train/lr", "val/loss", "val/acc1")})
     assert len({loss for _, loss in curves[0]["train/loss"]}) == 3
     assert curves[0] == curves[1]  # float32 values as TensorBoard stores them, compared exactly
-
-
-class Poison(L.Callback):
-    """NaN images from global step `at` on; keeps the bytes of last.ckpt as they were just before."""
-
-    def __init__(self, at: int) -> None:
-        self.at = at
-        self.last_before: bytes | None = None
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.at:
-            self.last_before = (Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt").read_bytes()
-            batch["image"].fill_(float("nan"))
-
-
-def test_a_stop_on_a_non_finite_loss_keeps_the_last_good_checkpoint(tmp_path):
-    data, poison = tiny_data(), Poison(at=3)
-    module = tiny_module(data, network=TinyNetwork, checkpoint_every_n_steps=1)  # last.ckpt every step; EMA on
-    with pytest.raises(FloatingPointError, match="non-finite training loss at global step 3"):
-        tiny_trainer(tmp_path, callbacks=[poison], limit_val_batches=0).fit(module, data)
-    last = tmp_path / "checkpoints" / "last.ckpt"
-    assert last.read_bytes() == poison.last_before  # untouched by the failed step
-    checkpoint = torch.load(last, weights_only=True)
-    assert checkpoint["global_step"] == 3
-    for weights in ("state_dict", "current_model_state"):  # the EMA weights and the raw ones
-        assert all(torch.isfinite(t).all() for t in checkpoint[weights].values() if t.is_floating_point())
 
 
 def failing_open(fail_at: int, error: int, when: str):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_data_helpers import image_tree, jpeg
+from tests.data_helpers import image_tree, jpeg
 from xception_pl.__main__ import main
 from xception_pl.data import WebDatasetDataModule
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from tests.helpers import scalars
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CHANCE = 0.1  # 10 demo classes
 
 

@@ -10,15 +10,15 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tests.helpers import scalars
-from tests.test_ddp import run_cli
-from tests.test_data_helpers import shards
+from tests.system.test_ddp import run_cli
+from tests.data_helpers import shards
 from xception_pl.__main__ import main
 from xception_pl.data import DemoDataModule, WebDatasetDataModule
 from xception_pl.model import Xception
 from xception_pl.module import XceptionModule
 from xception_pl.per_class import matrix_image
 
-CONFIG = str(Path(__file__).parents[1] / "configs" / "finetune.yaml")
+CONFIG = str(Path(__file__).parents[2] / "configs" / "finetune.yaml")
 ARGS = ["--config", CONFIG, "--trainer.accelerator", "cpu", "--trainer.precision", "32-true",
         "--trainer.enable_progress_bar", "false", "--data.init_args.batch_size", "2", "--data.init_args.num_workers",
         "0", "--data.init_args.image_size", "71", "--data.init_args.eval_resize", "80", "--model.pretrained", "null"]
@@ -75,7 +75,7 @@ def nearest_centroid_checkpoint(tmp_path: Path) -> tuple[Path, list[float]]:
     the per-class accuracies it gets, computed here."""
     datamodule = DemoDataModule(root=str(tmp_path / "demo"), num_classes=3, train_images_per_class=4,
                                 val_images_per_class=7, source_size=80, image_size=71, eval_resize=75,
-                                batch_size=4, num_workers=0)  # the data of tests.test_ddp.run_cli
+                                batch_size=4, num_workers=0)  # the data of tests.system.test_ddp.run_cli
     datamodule.setup("validate")
     module = XceptionModule(num_classes=3, ema_decay=None).eval()
     with torch.no_grad():

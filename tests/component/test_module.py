@@ -1,4 +1,5 @@
-"""XceptionModule on tiny synthetic data: losses, weight decay groups, EMA, predict, non-finite losses."""
+"""XceptionModule on tiny synthetic data: losses, weight decay groups, EMA, predict (non-finite losses:
+tests/component/test_nonfinite.py)."""
 
 import lightning as L
 import pytest
@@ -93,38 +94,6 @@ def test_inception_v3_is_a_selectable_backbone():
     module.eval()
     with torch.no_grad():
         assert module(torch.randn(1, 3, 299, 299)).shape == (1, 1000)
-
-
-def test_nonfinite_loss_stops_with_the_step_and_batch(tmp_path):
-    data = tiny_data()
-    module = tiny_module(data, ema_decay=None)
-    module.network.head.fc.bias.data[0] = float("nan")
-    with pytest.raises(FloatingPointError, match=r"non-finite training loss at global step 0 \(batch 0 of its epoch\)"):
-        tiny_trainer(tmp_path).fit(module, data)
-
-
-def test_nonfinite_loss_can_skip_the_batch(tmp_path):
-    data = tiny_data()
-    module = tiny_module(data, ema_decay=None, nonfinite_loss="skip")
-    poisoned, weights = {1, 2}, {}
-
-    class Poison(L.Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            weights[f"before {batch_idx}"] = pl_module.network.head.fc.weight.detach().clone()
-            if batch_idx in poisoned:
-                batch["image"][0, 0, 0, 0] = float("inf")
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            weights[f"after {batch_idx}"] = pl_module.network.head.fc.weight.detach().clone()
-
-    trainer = tiny_trainer(tmp_path, callbacks=[Poison()], limit_val_batches=0)
-    trainer.fit(module, data)
-    assert trainer.callback_metrics["train/skipped_nonfinite"] == len(poisoned)
-    # skipped batches leave the weights untouched (no step, no momentum); the others move them
-    assert torch.equal(weights["before 1"], weights["after 2"])
-    assert not torch.equal(weights["before 0"], weights["after 0"])
-    assert not torch.equal(weights["before 3"], weights["after 3"])
-    assert all(torch.isfinite(p).all() for p in module.parameters())
 
 
 def test_checkpoint_of_other_classes_is_refused(tmp_path):

@@ -11,11 +11,12 @@ import yaml
 
 from tests.helpers import scalars
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_cli(tmp_path: Path, subcommand: str, name: str, devices: int, *args: str, data: dict | None = None,
             model: dict | None = None) -> Path:
+    # its own config, not tests.helpers.run_config: the module's own optimizer and schedule, Lightning's defaults
     run = tmp_path / name
     data = data or {"class_path": "xception_pl.data.DemoDataModule",
                     "init_args": {"root": str(tmp_path / "demo"), "num_classes": 3, "train_images_per_class": 4,

@@ -1,6 +1,6 @@
-"""The paths a GPU user takes first, taken on CPU: fp16 through a GradScaler, a skipped non-finite batch,
-fp32 logits under bf16, the final checkpoint's raw weights, checkpoints that rebuild their model, the
-user's callbacks and loggers, and config edits on resume."""
+"""The paths a GPU user takes first, taken on CPU: fp16 through a GradScaler, fp32 logits under bf16, the final
+checkpoint's raw weights, checkpoints that rebuild their model, the user's callbacks and loggers, and config edits
+on resume. (A skipped non-finite batch: tests/component/test_nonfinite.py.)"""
 
 import copy
 
@@ -8,52 +8,15 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
 
 from tests.crash import TinyNetwork
-from tests.helpers import tiny_data, tiny_module, tiny_trainer
-from tests.test_cli import write_config
+from tests.helpers import Recorder, changed, fp16_on_cpu, fused_sgd, run_config, tiny_data, tiny_module, tiny_trainer
 from xception_pl.cli import XceptionCLI, main
 from xception_pl.metrics import MeanAveragePrecisionAtK
 from xception_pl.model import Xception
 from xception_pl.module import XceptionModule
 from xception_pl.schedules import SampleCounts
-
-fused_sgd = {"optimizer": lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9, fused=True)}
-
-
-def fp16_on_cpu() -> MixedPrecision:
-    return MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**8))
-
-
-class Recorder(L.Callback):
-    """Loss per batch; weights, BN statistics and the Polyak copy before and after each batch; an inf pixel
-    in the batches listed in `poison`."""
-
-    def __init__(self, poison: set[int] = frozenset()) -> None:
-        self.poison, self.losses, self.states = poison, [], {}
-
-    def snapshot(self, trainer, pl_module) -> dict[str, dict[str, torch.Tensor]]:
-        ema = trainer.callbacks and next((c for c in trainer.callbacks if hasattr(c, "_average_model")), None)
-        tensors = {"network": {k: v.clone() for k, v in pl_module.network.state_dict().items()}}
-        if ema is not None and ema._average_model is not None:
-            tensors["ema"] = {k: v.clone() for k, v in ema._average_model.module.network.state_dict().items()}
-        lr = trainer.optimizers[0].param_groups[0]["lr"]
-        return {**tensors, "lr": lr}
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.states[f"before {batch_idx}"] = self.snapshot(trainer, pl_module)
-        if batch_idx in self.poison:
-            batch["image"][0, 0, 0, 0] = float("inf")
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.states[f"after {batch_idx}"] = self.snapshot(trainer, pl_module)
-        self.losses.append(float(outputs["loss"]))
-
-
-def changed(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list[str]:
-    return [k for k in a if not torch.equal(a[k], b[k])]
 
 
 def test_fp16_mixed_precision_updates_the_weights_and_the_loss_falls(tmp_path):
@@ -66,42 +29,6 @@ def test_fp16_mixed_precision_updates_the_weights_and_the_loss_falls(tmp_path):
                     {k: recorder.states["after 0"]["network"][k] for k in weights})
     assert len(moved) == len(weights)  # every parameter tensor moves in one step (it moved none before)
     assert sum(recorder.losses[-4:]) < sum(recorder.losses[:4])
-
-
-def test_with_accumulation_every_micro_batch_loss_is_checked(tmp_path):
-    data = tiny_data(image_size=32)
-    module, recorder = tiny_module(data, network=TinyNetwork, ema_decay=None, nonfinite_loss="skip", **fused_sgd), Recorder(poison={0})
-    trainer = tiny_trainer(tmp_path, accumulate_grad_batches=2, limit_val_batches=0, plugins=[fp16_on_cpu()],
-                           callbacks=[recorder])
-    trainer.fit(module, data)
-    # micro-batch 0 (not the last of its step) was bad: the whole first step changed nothing
-    assert not changed(recorder.states["before 0"]["network"], recorder.states["after 1"]["network"])
-    assert changed(recorder.states["before 2"]["network"], recorder.states["after 3"]["network"])
-    assert trainer.callback_metrics["train/skipped_nonfinite"] == 1
-
-
-@pytest.mark.parametrize("optimizer", [
-    pytest.param(lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9, fused=True), id="fused-sgd"),
-    pytest.param(lambda params: __import__("xception_pl.optim").optim.RMSpropTF(params, lr=0.01, momentum=0.9, eps=1.0),
-                 id="rmsprop-tf"),
-])
-def test_a_skipped_batch_leaves_no_trace(tmp_path, optimizer):
-    data = tiny_data(image_size=32)
-    module, recorder = tiny_module(data, network=TinyNetwork, ema_decay=0.5, nonfinite_loss="skip", optimizer=optimizer), Recorder({1})
-    trainer = tiny_trainer(tmp_path, limit_val_batches=0, callbacks=[recorder])
-    trainer.fit(module, data)
-    before, after = recorder.states["before 1"], recorder.states["after 1"]
-    # weights, BatchNorm statistics (and their counter), the Polyak copy, the lr: untouched by batch 1
-    assert not changed(before["network"], after["network"]) and not changed(before["ema"], after["ema"])
-    assert before["lr"] == after["lr"]
-    assert changed(recorder.states["before 2"]["network"], recorder.states["after 2"]["network"])  # goes on
-    ema = next(c for c in trainer.callbacks if hasattr(c, "_average_model"))._average_model.module
-    for model in (module, ema):
-        assert all(torch.isfinite(t).all() for t in (*model.parameters(), *model.buffers()) if t.is_floating_point())
-    assert trainer.callback_metrics["train/skipped_nonfinite"] == 1
-    # the schedule counted the 3 good steps only (global batch 4): exact once read
-    scheduler = trainer.lr_scheduler_configs[0].scheduler
-    assert scheduler.samples_seen - scheduler.state_dict()["samples_skipped"] == 3 * 4
 
 
 def test_bf16_autocast_and_fp32_give_the_same_map100():
@@ -154,7 +81,7 @@ def test_the_final_checkpoint_keeps_the_raw_weights_and_a_resume_continues_from_
 ], ids=["xception-fc", "inception-v3"])
 def test_a_checkpoint_rebuilds_its_network_optimizer_and_schedule_without_arguments(tmp_path, network):
     run = tmp_path / "run"
-    config = write_config(tmp_path / "c.yaml", run, network=network)
+    config = run_config(tmp_path / "c.yaml", run, model={"network": network})
     main(["fit", "--config", str(config), "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0",
           "--data.init_args.image_size", "75"])  # Inception V3's smallest input
     module = XceptionModule.load_from_checkpoint(run / "checkpoints" / "last.ckpt")
@@ -169,13 +96,9 @@ def test_a_checkpoint_rebuilds_its_network_optimizer_and_schedule_without_argume
 def test_a_users_callbacks_win_over_ours(tmp_path, caplog):
     caplog.set_level("INFO")
     run = tmp_path / "run"
-    config = write_config(tmp_path / "c.yaml", run)
-    import yaml
-
-    content = yaml.safe_load(config.read_text())
-    content["trainer"]["callbacks"] = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                                        "init_args": {"dirpath": str(tmp_path / "mine"), "monitor": "train/loss"}}]
-    config.write_text(yaml.safe_dump(content))
+    config = run_config(tmp_path / "c.yaml", run, trainer={"callbacks": [
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+         "init_args": {"dirpath": str(tmp_path / "mine"), "monitor": "train/loss"}}]})
     cli = XceptionCLI(args=["--config", str(config), "--trainer.callbacks+=lightning.pytorch.callbacks.EMAWeightAveraging"],
                       run=False)
     kinds = [type(c).__name__ for c in cli.trainer.callbacks]
@@ -196,8 +119,8 @@ def test_fit_ends_cleanly_with_a_logger_other_than_tensorboard(tmp_path):
 
 def test_on_resume_the_configs_optimizer_and_schedule_win_and_the_change_is_said(tmp_path, capsys, caplog):
     run = tmp_path / "run"
-    main(["fit", "--config", str(write_config(tmp_path / "c.yaml", run)), "--trainer.max_steps", "2"])
-    main(["fit", "--config", str(write_config(tmp_path / "c.yaml", run)), "--ckpt_path", "last",
+    main(["fit", "--config", str(run_config(tmp_path / "c.yaml", run)), "--trainer.max_steps", "2"])
+    main(["fit", "--config", str(run_config(tmp_path / "c.yaml", run)), "--ckpt_path", "last",
           "--trainer.max_steps", "3", "--trainer.max_epochs", "2", "--model.optimizer.init_args.momentum", "0.5",
           "--model.optimizer.init_args.lr", "0.02", "--model.lr_scheduler.init_args.decay_rate", "0.25"])
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_data_helpers import bomb_jpeg, image_tree, jpeg, jsonl_source
+from tests.data_helpers import bomb_jpeg, image_tree, jpeg, jsonl_source
 from xception_pl.data import write_shards
 from xception_pl.data.writer import main
 

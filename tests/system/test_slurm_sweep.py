@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from tests.slurm_cluster import SlurmCluster
-from tests.test_sweep import DEMO, ROOT, STEPS, tiny_base, tiny_study
+from tests.system.test_sweep import DEMO, ROOT, STEPS, tiny_base, tiny_study
 from xception_pl.data import make_demo_data
 from xception_pl.report import report
 

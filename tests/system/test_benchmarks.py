@@ -7,7 +7,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_throughput_script_reports_every_section_and_checks_outputs_match_timm(tmp_path: Path) -> None:

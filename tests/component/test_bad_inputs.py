@@ -2,31 +2,27 @@
 
 A mistake in the config, on the command line, in a path or a file given to load stops the run before training
 with one line that names the fix (`error: ...` from `python -m xception_pl`, or the exception of the API that
-was called). A bad sample inside the shards is skipped and counted per reason (data/skipped), never decoded,
-never fatal. Cases marked "raises" stop with an exception whose last line is the message (a traceback above it):
-they are found inside trainer.fit, after the model and data are built.
+was called). Cases marked "raises" stop with an exception whose last line is the message (a traceback above it):
+they are found inside trainer.fit, after the model and data are built. A bad sample inside the shards is
+skipped and counted instead (tests/component/test_bad_samples.py); a non-finite loss: tests/component/test_nonfinite.py.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import struct
-import zlib
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-import webdataset as wds
 import yaml
 
-from tests.crash import TinyNetwork
-from tests.helpers import tiny_data, tiny_module, tiny_trainer
-from tests.test_data_helpers import bomb_jpeg, jpeg, shards
+from tests.helpers import run_config, run_module, synthetic_data
+from tests.data_helpers import shards
 from xception_pl import Xception, slurm
 from xception_pl.cli import main
-from xception_pl.data import SKIP_REASONS, WebDatasetDataModule
+from xception_pl.data import WebDatasetDataModule
 
 # ---------------------------------------------------------------------------------------------------------
 # The command line and its config: `python -m xception_pl fit|validate ...`
@@ -46,17 +42,11 @@ class Payload:
 def inputs(tmp_path_factory) -> Path:
     """A good config (synthetic data, a tiny network) and the bad files the table points at."""
     tmp = tmp_path_factory.mktemp("inputs")
-    config = {
-        "trainer": {"accelerator": "cpu", "devices": 1, "max_epochs": 1, "default_root_dir": str(tmp / "run"),
-                    "enable_progress_bar": False, "enable_model_summary": False, "num_sanity_val_steps": 0},
-        "data": {"class_path": "xception_pl.data.synthetic.SyntheticDataModule",
-                 "init_args": {"num_classes": 6, "train_size": 8, "val_size": 4, "batch_size": 4, "image_size": 32}},
-        "model": {"network": {"class_path": "tests.crash.TinyNetwork"}, "ema_decay": None,
-                  "optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.01, "momentum": 0.9}},
-                  "lr_scheduler": {"class_path": "xception_pl.schedules.SampleStepDecay",
-                                   "init_args": {"decay_rate": 0.5, "decay_every_samples": 8}}},
-    }
-    (tmp / "good.yaml").write_text(yaml.safe_dump(config))
+    run_config(tmp / "good.yaml", tmp / "run", data=synthetic_data(train_size=8, val_size=4, image_size=32),
+               trainer={"num_sanity_val_steps": 0, "log_every_n_steps": None},  # None: Lightning's default
+               model={"network": {"class_path": "tests.crash.TinyNetwork"}, "ema_decay": None,
+                      "lr_scheduler": {"class_path": "xception_pl.schedules.SampleStepDecay",
+                                       "init_args": {"decay_rate": 0.5, "decay_every_samples": 8}}})
     typo = yaml.safe_load((tmp / "good.yaml").read_text())
     typo["trainer"]["max_epoch"] = typo["trainer"].pop("max_epochs")
     (tmp / "typo.yaml").write_text(yaml.safe_dump(typo))
@@ -141,6 +131,27 @@ def test_command_line(args, message, outcome, inputs, capsys):
     assert not (inputs / "payload-ran").exists()  # the malicious checkpoint ran no code
 
 
+# The same stops as the shell sees them: `python -m xception_pl` exits non-zero, the message on stderr
+
+
+@pytest.mark.parametrize("override, message", [
+    (["--model.optimizer.class_path", "torch.optim.NoSuchOptimizer"], "NoSuchOptimizer"),
+    (["--model.optimizer.init_args.lr", "-0.1"], "Invalid learning rate: -0.1"),
+    (["--model.ema_decay", "1.5"], "model.ema_decay=1.5 must be in (0, 1)"),
+    (["--data.init_args.num_classes", "1"], "num_classes=1: need at least 2 classes"),
+])
+def test_bad_configs_stop_before_training_with_a_message(tmp_path, override, message):
+    result = run_module("fit", "--config", str(run_config(tmp_path / "c.yaml", tmp_path / "run")), *override)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_missing_config_file_is_named(tmp_path):
+    result = run_module("fit", "--config", str(tmp_path / "nope.yaml"))
+    assert result.returncode != 0 and "nope.yaml" in result.stderr
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Shard paths and data set facts: WebDatasetDataModule(...) and its setup, before any worker starts
 
@@ -212,80 +223,66 @@ def test_shards_that_all_fail_to_open_stop_the_run_instead_of_spinning(tmp_path)
         next(iter(dm.train_dataloader()))
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Samples inside the shards: skipped and counted per reason (SKIP_REASONS), the good ones still served
+def test_all_shards_unreadable_fails_loudly_instead_of_spinning(tmp_path):
+    dm = WebDatasetDataModule(train=f"pipe:cat {tmp_path}/missing-{{0..3}}.tar", train_size=8, num_classes=2,
+                              multilabel=False, batch_size=4, num_workers=0)
+    dm.setup("fit")
+    with pytest.raises(RuntimeError, match="shard read errors in a row"):
+        next(iter(dm.train_dataloader()))
 
 
-def png_header(width: int, height: int) -> bytes:
-    """A PNG that announces width x height pixels and holds none."""
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + \
-        chunk(b"IEND", b"")
+def test_pattern_matching_no_shards_names_the_fix(tmp_path):
+    with pytest.raises(FileNotFoundError, match="matches no shard file"):
+        WebDatasetDataModule(train=f"{tmp_path}/train-{{000000..000009}}.tar", train_size=10, num_classes=2,
+                             multilabel=False)
 
 
-SAMPLES = [  # (what is wrong, the bad sample's fields, its skip reason, data module arguments)
-    ("truncated JPEG", {"jpg": jpeg()[:300] + b"\x00" * 100, "cls": b"0"}, "corrupt_image", {}),
-    ("not an image", {"jpg": b"hello", "cls": b"0"}, "corrupt_image", {}),
-    ("PNG without data", {"png": b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, "cls": b"0"}, "corrupt_image", {}),
-    ("JPEG bomb", {"jpg": bomb_jpeg(), "cls": b"0"}, "too_large", {}),  # 50000 x 50000: 7.5 GB decoded
-    ("PNG bomb", {"png": png_header(30_000, 30_000), "cls": b"0"}, "too_large", {}),  # PIL's own bomb check
-    ("over max_image_pixels", {"jpg": jpeg(40, 32), "cls": b"0"}, "too_large", {"max_image_pixels": 40 * 32 - 1}),
-    ("no image", {"cls": b"0"}, "missing_field", {}),
-    ("no image, a caption", {"txt": b"a caption", "cls": b"0"}, "missing_field", {}),
-    ("no label", {"jpg": jpeg()}, "missing_field", {}),
-    ("label out of range", {"jpg": jpeg(), "cls": b"3"}, "bad_label", {}),
-    ("negative label", {"jpg": jpeg(), "cls": b"-1"}, "bad_label", {}),
-    ("label not a number", {"jpg": jpeg(), "cls": b"one"}, "bad_label", {}),
-    ("multi-label id out of range", {"jpg": jpeg(), "json": b"[0, 3]"}, "bad_label", {"multilabel": True}),
-    ("multi-label not a list", {"jpg": jpeg(), "json": b'{"labels": [0]}'}, "bad_label", {"multilabel": True}),
-    ("multi-label not JSON", {"jpg": jpeg(), "json": b"[0,"}, "bad_label", {"multilabel": True}),
-    ("single label in a multi-label set", {"jpg": jpeg(), "cls": b"0"}, "missing_field", {"multilabel": True}),
-]
+def test_some_missing_shards_are_listed(tmp_path):
+    data = shards(tmp_path, classes=2, per_class=2, shard_size=2)
+    with pytest.raises(FileNotFoundError, match="1 of 3 shards do not exist"):
+        WebDatasetDataModule(train=f"{data}/train-{{000000..000002}}.tar")
 
 
-@pytest.mark.parametrize("fields, reason, kwargs", [s[1:] for s in SAMPLES], ids=[s[0] for s in SAMPLES])
-def test_bad_samples_are_skipped_and_counted(fields, reason, kwargs, tmp_path):
-    kwargs = dict(kwargs)
-    multilabel = kwargs.pop("multilabel", False)
-    good = {"jpg": jpeg(20, 16, seed=5), "json" if multilabel else "cls": b"[1]" if multilabel else b"1"}
-    with wds.TarWriter(str(tmp_path / "shard-0.tar"), encoder=False) as tar:
-        tar.write({"__key__": "good-before", **good})
-        tar.write({"__key__": "bad", **fields})
-        tar.write({"__key__": "good-after", **good})
-    dm = WebDatasetDataModule(val=str(tmp_path / "shard-0.tar"), val_size=3, num_classes=3, multilabel=multilabel,
-                              batch_size=4, num_workers=0, image_size=16, eval_resize=16, **kwargs)
-    batches = list(dm.val_dataloader())
-    assert [k for b in batches for k in b["key"]] == ["good-before", "good-after"]
-    skipped = sum(b["skipped"] for b in batches)
-    assert {r: int(n) for r, n in zip(SKIP_REASONS, skipped) if n} == {reason: 1}
+def test_directory_without_manifest_names_the_writer(tmp_path):
+    (tmp_path / "raw").mkdir()
+    with pytest.raises(FileNotFoundError, match="python -m xception_pl shards"):
+        WebDatasetDataModule(train=str(tmp_path / "raw"))
 
 
-def test_a_truncated_shard_is_counted_and_the_next_shard_is_read(tmp_path):
-    data = shards(tmp_path, classes=3, per_class=4, shard_size=3)
-    first = data / json.loads((data / "manifest.json").read_text())["shards"][0]["name"]
-    first.write_bytes(first.read_bytes()[:2000])  # cut inside its first image
-    dm = WebDatasetDataModule(val=str(data), batch_size=4, num_workers=0, image_size=16, eval_resize=16)
-    batches = list(dm.val_dataloader())
-    assert len([k for b in batches for k in b["key"]]) == 9  # the three other shards, whole
-    assert int(sum(b["skipped"] for b in batches)[SKIP_REASONS.index("read_error")]) >= 1
+def test_pattern_without_manifest_needs_a_size(tmp_path):
+    data = shards(tmp_path, classes=2, per_class=2, shard_size=2)
+    (data / "manifest.json").unlink()
+    with pytest.raises(ValueError, match="pass train_size"):
+        WebDatasetDataModule(train=f"{data}/train-{{000000..000001}}.tar", num_classes=2, multilabel=False)
+    with pytest.raises(ValueError, match="pass multilabel"):
+        WebDatasetDataModule(train=f"{data}/train-{{000000..000001}}.tar", train_size=4, num_classes=2)
+    with pytest.raises(ValueError, match="pass train_size"):
+        WebDatasetDataModule(train=f"pipe:cat {data}/train-{{000000..000001}}.tar", num_classes=2, multilabel=False)
+
+
+def test_train_set_smaller_than_a_global_batch_is_refused(tmp_path):
+    dm = WebDatasetDataModule(train=str(shards(tmp_path, classes=2, per_class=2)), batch_size=4, num_workers=0)
+    dm.trainer = SimpleNamespace(global_rank=0, world_size=2, strategy=SimpleNamespace(root_device=torch.device("cpu")))
+    with pytest.raises(ValueError, match="less than one global batch"):
+        dm.setup("fit")
+
+
+def test_manifests_that_disagree_are_refused(tmp_path):
+    a = shards(tmp_path, "a", classes=2, per_class=2)
+    b = shards(tmp_path, "b", classes=3, per_class=2)
+    with pytest.raises(ValueError, match="num_classes"):
+        WebDatasetDataModule(train=str(a), val=str(b))
+    with pytest.raises(ValueError, match="num_classes=5"):
+        WebDatasetDataModule(train=str(a), num_classes=5)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Training values that go wrong at run time
+# Samples inside the shards are skipped and counted, not fatal: tests/component/test_bad_samples.py
 
 
-def test_a_non_finite_loss_stops_with_the_step_and_the_fix(tmp_path):
-    data = tiny_data(image_size=32)
-    module = tiny_module(data, network=TinyNetwork, ema_decay=None)
-    module.network.fc.bias.data[0] = float("nan")
-    with pytest.raises(FloatingPointError, match=r"at global step 0 \(batch 0 of its epoch\); that step and any after "
-                                                 r"it were skipped, so the weights and the last checkpoint are intact\. "
-                                                 r"Lower the lr"):
-        tiny_trainer(tmp_path, limit_val_batches=0).fit(module, data)
-
-
-# Checkpoint writes that fail (disk full, quota, permissions, read-only): tests/test_reliability.py
+# ---------------------------------------------------------------------------------------------------------
+# Training values that go wrong at run time (a non-finite loss): tests/component/test_nonfinite.py.
+# Checkpoint writes that fail (disk full, quota, permissions, read-only): tests/system/test_reliability.py
 # (test_a_failed_checkpoint_write_stops_training_keeps_the_previous_file_and_names_the_fix).
 
 # ---------------------------------------------------------------------------------------------------------

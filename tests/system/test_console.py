@@ -8,25 +8,21 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-import yaml
 from lightning.pytorch.callbacks import TQDMProgressBar
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from tests.helpers import tiny_data, tiny_module, tiny_trainer
-from tests.test_cli import write_config
-from tests.test_data_helpers import shards
+from tests.helpers import run_config, tiny_data, tiny_module, tiny_trainer
+from tests.data_helpers import shards
 from xception_pl.data import WebDatasetDataModule
 from xception_pl.progress import ProgressBar, eval_batches
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_log_file_gets_one_line_per_logging_step_and_per_validation(tmp_path):
     run = tmp_path / "run"
-    config = write_config(tmp_path / "c.yaml", run)
-    settings = yaml.safe_load(config.read_text())
-    settings["trainer"].update(enable_progress_bar=True, log_every_n_steps=2, max_epochs=2)  # 4 steps an epoch
-    config.write_text(yaml.safe_dump(settings))
+    config = run_config(tmp_path / "c.yaml", run,  # 4 steps an epoch
+                        trainer=dict(enable_progress_bar=True, log_every_n_steps=2, max_epochs=2))
     with open(tmp_path / "stdout.txt", "w") as stdout:  # as in a SLURM output file: not a terminal
         result = subprocess.run([sys.executable, "-m", "xception_pl", "fit", "--config", str(config)], cwd=ROOT,
                                 stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=300)

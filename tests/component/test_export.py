@@ -8,12 +8,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.test_data_helpers import shards
+from tests.data_helpers import shards
 from xception_pl import Xception
 from xception_pl.__main__ import main
 from xception_pl.export import ExportError, check
 
-CONFIG = str(Path(__file__).parents[1] / "configs" / "finetune.yaml")
+CONFIG = str(Path(__file__).parents[2] / "configs" / "finetune.yaml")
 
 
 @pytest.fixture(scope="module")

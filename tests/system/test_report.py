@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from tests.helpers import scalars
-from tests.test_sweep import BATCH, DEMO, ROOT, STEPS, run_local_sweep
+from tests.system.test_sweep import BATCH, DEMO, ROOT, STEPS, run_local_sweep
 from xception_pl.report import Run, read_run, report, table
 
 PAPER_PARAMETERS = 22_855_952  # Table 3, 1000 classes

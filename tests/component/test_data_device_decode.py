@@ -10,7 +10,7 @@ import torch
 from torchvision.transforms import RandomResizedCrop, v2
 from torchvision.transforms.v2 import functional as F
 
-from tests.test_data_helpers import add_shard, bomb_jpeg, jpeg, shards
+from tests.data_helpers import add_shard, bomb_jpeg, jpeg, shards
 from xception_pl.data import SKIP_REASONS, WebDatasetDataModule
 from xception_pl.data.batch_crop import CANVAS_SLACK, RandomResizedCropFlip, ResizeCenterCrop, crop_batch, size_groups
 from xception_pl.data.samples import unpack

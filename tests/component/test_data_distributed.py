@@ -4,24 +4,18 @@ workers; 1 shard, 2 ranks), still each sample exactly once."""
 
 import json
 import os
-import socket
 
 import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tests.test_data_helpers import shards
+from tests.helpers import free_port
+from tests.data_helpers import shards
 from xception_pl.data import WebDatasetDataModule
 
 SAMPLES = 23  # odd on purpose: 8 shards of 3, the last one short
 BATCH = 3
 FEW = {"three": 7, "one": 2}  # samples of evaluation sets written in shards of 3: 3 shards and 1 shard
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def read_few_shards(data: str) -> dict:

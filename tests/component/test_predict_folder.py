@@ -9,13 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.test_data_helpers import jpeg, shards
+from tests.data_helpers import jpeg, shards
 from xception_pl.__main__ import main
 from xception_pl.data import transforms
 from xception_pl.model import Xception
 from xception_pl.module import XceptionModule
 
-CONFIG = str(Path(__file__).parents[1] / "configs" / "finetune.yaml")
+CONFIG = str(Path(__file__).parents[2] / "configs" / "finetune.yaml")
 DATA = ["--trainer.accelerator", "cpu", "--trainer.precision", "32-true", "--trainer.enable_progress_bar", "false",
         "--data.init_args.batch_size", "2", "--data.init_args.num_workers", "0", "--data.init_args.image_size", "71",
         "--data.init_args.eval_resize", "80", "--model.pretrained", "null"]

@@ -8,14 +8,14 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from tests.test_data_helpers import shards
+from tests.data_helpers import shards
 from xception_pl.__main__ import main
 from xception_pl.data import make_demo_data
 from xception_pl.module import XceptionModule
 from xception_pl.pretrained import network_state, param_groups, scale_lrs
 from xception_pl.timm_weights import timm_to_ours
 
-CONFIG = str(Path(__file__).parents[1] / "configs" / "finetune.yaml")
+CONFIG = str(Path(__file__).parents[2] / "configs" / "finetune.yaml")
 
 
 def fit(run: Path, data: Path, *extra: str) -> dict:

@@ -7,8 +7,7 @@ import lightning as L
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.helpers import IMAGE, scalars, tiny_data, tiny_module, tiny_trainer
-from tests.test_cli import write_config
+from tests.helpers import IMAGE, run_config, scalars, tiny_data, tiny_module, tiny_trainer
 from xception_pl.cli import main
 from xception_pl.images import MIN_TILE, ImageGrids
 
@@ -49,6 +48,6 @@ def test_grids_of_train_and_val_batches_and_misclassified_images_reach_tensorboa
 
 def test_images_enabled_false_turns_them_off_from_the_command_line(tmp_path):
     run = tmp_path / "run"
-    main(["fit", "--config", str(write_config(tmp_path / "c.yaml", run)), "--images.enabled", "false"])
+    main(["fit", "--config", str(run_config(tmp_path / "c.yaml", run)), "--images.enabled", "false"])
     assert "train/loss" in scalars(run)
     assert {t: g for t, g in images(run).items() if t.startswith("images/")} == {}  # the grids; per-class results stay

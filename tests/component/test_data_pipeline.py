@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tests.test_data_helpers import jsonl_source, shards
+from tests.data_helpers import jsonl_source, shards
 from xception_pl.data import SKIP_REASONS, WebDatasetDataModule, write_shards
 
 
@@ -88,7 +88,7 @@ def test_pipe_url_source_with_explicit_sizes(tmp_path):
 
 def test_predict_reads_shards_without_labels(tmp_path):
     import webdataset as wds
-    from tests.test_data_helpers import jpeg
+    from tests.data_helpers import jpeg
     with wds.TarWriter(str(tmp_path / "unlabelled-0.tar"), encoder=False) as tar:
         for i in range(3):
             tar.write({"__key__": f"img{i}", "jpg": jpeg(seed=i)})
@@ -144,4 +144,4 @@ def test_ranks_draw_different_training_data(tmp_path):
 
 def test_the_data_package_does_not_import_the_slurm_module():
     code = "import sys, xception_pl.data; assert 'xception_pl.slurm' not in sys.modules, 'data/ imports slurm'"
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])

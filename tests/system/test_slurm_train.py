@@ -23,7 +23,7 @@ from tests.slurm_cluster import JobResult, SlurmCluster
 from xception_pl import slurm
 from xception_pl.data import make_demo_data
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BATCH = 4
 DEMO = dict(num_classes=4, train_images_per_class=8, val_images_per_class=4, source_size=80)  # 4 steps/epoch on 2 ranks
 JOB_ENV = {"PYTHONPATH": str(ROOT), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}  # 2 ranks share 2 cores
@@ -38,7 +38,8 @@ def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def cpu_config(job_dir: Path, demo_root: Path, multilabel: bool, max_steps: int, num_workers: int = 1) -> Path:
-    """What turns the GPU recipes into a short CPU run; given after configs/<recipe>.yaml on the command line."""
+    """What turns the GPU recipes into a short CPU run; given after configs/<recipe>.yaml on the command line
+    (an overlay on the recipe, so not tests.helpers.run_config, whose defaults would replace the recipe's)."""
     config = {
         "trainer": {"accelerator": "cpu", "precision": "32-true", "max_steps": max_steps, "limit_val_batches": 1,
                     "val_check_interval": 1.0, "check_val_every_n_epoch": 1, "log_every_n_steps": 1, "num_sanity_val_steps": 0,

@@ -14,14 +14,15 @@ import yaml
 from tests.helpers import IMAGE, scalars
 from xception_pl.sweep import load_study
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STEPS = 4  # one epoch: 6 classes x 2 images / batch 3
 BATCH = 3
 DEMO = dict(num_classes=6, train_images_per_class=2, val_images_per_class=2, source_size=80)  # 6 classes: top-5 too
 
 
 def tiny_base(folder: Path) -> Path:
-    """The CPU demo recipe cut to 4 steps at 71 px on demo shards of 12 images made in `folder`."""
+    """The CPU demo recipe cut to 4 steps at 71 px on demo shards of 12 images made in `folder`. A sweep base,
+    not tests.helpers.run_config: the sweep sets each run's directory, and the schedule is the module's own."""
     config = {
         "seed_everything": 0,
         "trainer": {"accelerator": "cpu", "devices": 1, "max_epochs": 1, "val_check_interval": 2,

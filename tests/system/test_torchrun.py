@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from tests.slurm_cluster import free_port
+from tests.helpers import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MAX_STEPS = 12
 
 
