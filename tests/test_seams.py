@@ -94,6 +94,13 @@ def test_module_py_learns_from_a_context_variable_that_lightning_cli_built_it():
     assert "_given_hyperparameters_context(" in inspect.getsource(inspect.getmodule(LightningCLI))
 
 
+def test_module_py_asks_whether_a_trainer_is_attached_through_the_modules_trainer_attribute():
+    module = L.LightningModule()
+    assert module._trainer is None
+    with pytest.raises(RuntimeError, match="not attached to a `Trainer`"):
+        module.trainer  # what the check avoids
+
+
 def test_ema_py_reads_the_average_where_weight_averaging_keeps_it():
     assert WeightAveraging()._average_model is None  # an AveragedModel from setup("fit") on
     assert "self._average_model = AveragedModel(" in source(WeightAveraging.setup)
