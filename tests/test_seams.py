@@ -37,15 +37,13 @@ def trainer(tmp_path) -> L.Trainer:
 
 
 # ---------------------------------------------------------------------------------------------- Lightning
-def test_cli_py_overrides_lightning_clis_private_steps_which_lightning_still_calls():
+def test_cli_py_overrides_lightning_clis_private_parse_ckpt_path_which_lightning_still_calls():
     assert parameters(LightningCLI._parse_ckpt_path) == ["self"]
     assert "self._parse_ckpt_path()" in source(LightningCLI.__init__)
-    assert parameters(LightningCLI._instantiate_trainer) == ["self", "config", "callbacks"]
-    assert "self._instantiate_trainer(" in source(LightningCLI.instantiate_trainer)
     assert parameters(LightningCLI._parser) == ["self", "subcommand"]
 
 
-def test_callbacks_py_last_checkpoint_calls_model_checkpoints_private_methods():
+def test_checkpointing_py_last_checkpoint_calls_model_checkpoints_private_methods():
     for name in ("_should_skip_saving_checkpoint", "_should_save_on_train_epoch_end", "_monitor_candidates"):
         assert parameters(getattr(ModelCheckpoint, name)) == ["self", "trainer"], name
     assert parameters(ModelCheckpoint._save_topk_checkpoint) == ["self", "trainer", "monitor_candidates"]
