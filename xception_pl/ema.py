@@ -35,15 +35,16 @@ class PolyakAveraging(WeightAveraging):
         super().__init__(use_buffers=True)
         self.decay, self.reference_batch = decay, reference_batch
         self.samples = 0  # averaged in so far, over all ranks
+        self.updated_step = 0  # trainer.global_step of the last update
 
     def step_decay(self, global_batch: int) -> float:
         t = self.samples / self.reference_batch
         return min(self.decay, (1.0 + t) / (10.0 + t)) ** (global_batch / self.reference_batch)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        if trainer.global_step <= self._latest_update_step:  # accumulating gradients: no optimizer step yet
+        if trainer.global_step <= self.updated_step:  # accumulating gradients: no optimizer step yet
             return
-        self._latest_update_step = trainer.global_step
+        self.updated_step = trainer.global_step
         global_batch = pl_module.global_batch_size
         weight = 1.0 - self.step_decay(global_batch)
         self.samples += global_batch
@@ -70,11 +71,12 @@ class PolyakAveraging(WeightAveraging):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._average_model is not None:  # after the last checkpoint: the model left in memory is the average
-            self._copy_average_to_current(pl_module)
+            super().on_train_end(trainer, pl_module)  # Lightning's copy of the average into the model
 
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "samples": self.samples}
+    def state_dict(self) -> dict[str, Any]:  # under Lightning's key for the last update's step
+        return {**super().state_dict(), "latest_update_step": self.updated_step, "samples": self.samples}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
+        self.updated_step = state_dict["latest_update_step"]
         self.samples = state_dict.get("samples", 0)

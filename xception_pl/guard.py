@@ -55,11 +55,11 @@ def zero_momentum_buffers(optimizer: Optimizer) -> None:
 
 
 class BatchNormState:
-    """The running statistics of every BatchNorm of `model`, kept as one flat copy per dtype."""
+    """The running statistics of every layer of `model` that keeps them (BatchNorm), as one flat copy per dtype."""
 
     def __init__(self, model: nn.Module) -> None:
         # The modules, not their buffers: moving the model to a device replaces the buffer tensors.
-        self.norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self.norms = [m for m in model.modules() if isinstance(getattr(m, "running_mean", None), Tensor)]
         self.saved: dict[torch.dtype, Tensor] = {}
 
     def groups(self) -> dict[torch.dtype, list[Tensor]]:

@@ -113,7 +113,8 @@ class HostSyncCounter(L.Callback):
         reads, cuda_syncs = self._stop()
         record, self._open = self._open, None
         # Lightning's LoggerConnector.should_update_logs, as evaluated after the step's batch-end hooks:
-        # (batches stepped before this one + 1) % log_every_n_steps == 0, or the trainer is stopping.
+        # (batches stepped before this one + 1) % log_every_n_steps == 0, or the trainer is stopping. With one
+        # optimizer (ours), the batches stepped before a batch are the global step at its start.
         every = trainer.log_every_n_steps
         logs = every > 0 and ((record.pop("_stepped") + 1) % every == 0 or trainer.should_stop)
         record.update(global_step=trainer.global_step, reads=reads, cuda_syncs=cuda_syncs,
@@ -124,7 +125,7 @@ class HostSyncCounter(L.Callback):
     # ---- hooks ---------------------------------------------------------------------------------
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         self._close(trainer)
-        self._open = {"batch_idx": batch_idx, "_stepped": trainer.fit_loop.epoch_loop._batches_that_stepped,
+        self._open = {"batch_idx": batch_idx, "_stepped": trainer.global_step,
                       "validated": False, "checkpointed": False}
         self._start(trainer)
 

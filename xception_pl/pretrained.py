@@ -18,7 +18,6 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from xception_pl.checkpointing import CheckpointLoadError
 from xception_pl.timm_weights import read_state_dict, timm_to_ours
@@ -112,8 +111,8 @@ class FreezeBackbone(L.Callback):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         frozen = self.frozen(trainer, pl_module)
         for name, module in pl_module.network.named_modules():
-            if isinstance(module, _BatchNorm) and not name.startswith(HEAD):
-                module.train(not frozen)
+            if isinstance(getattr(module, "running_mean", None), Tensor) and not name.startswith(HEAD):
+                module.train(not frozen)  # a BatchNorm: its running statistics (buffers) stay as they are
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
         if self.frozen(trainer, pl_module):

@@ -16,6 +16,8 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
 
+from xception_pl.callbacks import logs_this_step
+
 
 TRAIN_SHOWN = ("train/loss", "train/lr")
 
@@ -49,7 +51,7 @@ class ProgressBar(TQDMProgressBar):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         # Lightning's own criterion (its ThroughputMonitor uses it too); it logs right after this hook.
-        logs = trainer._logger_connector.should_update_logs
+        logs = logs_this_step(trainer)
         self.may_read = logs
         try:
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)

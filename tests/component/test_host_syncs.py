@@ -1,6 +1,7 @@
 """HostSyncCounter counts the .item() reads and collectives of each training step in a real fit."""
 
 import json
+import os
 import socket
 from pathlib import Path
 
@@ -44,9 +45,15 @@ def one_process_group(monkeypatch: pytest.MonkeyPatch):
         s.bind(("127.0.0.1", 0))
         monkeypatch.setenv("MASTER_PORT", str(s.getsockname()[1]))
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    launcher_set = {name: os.environ.get(name) for name in ("LOCAL_RANK", "NODE_RANK")}
     yield
     if dist.is_initialized():
         dist.destroy_process_group()
+    for name, value in launcher_set.items():  # Lightning's DDP launcher sets them in this process
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 def test_counts_reads_and_collectives_per_step_and_flags_logging_validation_and_checkpoint_steps(

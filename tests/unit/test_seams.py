@@ -1,0 +1,186 @@
+"""The Lightning, jsonargparse and torch internals xception_pl uses (README "Seams") are there, in the shape it
+uses them: a release that renames or reshapes one fails here, by name, in seconds, instead of somewhere in a
+training run. Each test names the file that relies on the internal."""
+
+import inspect
+import re
+from contextvars import ContextVar
+from dataclasses import fields
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.callbacks import ModelCheckpoint, WeightAveraging
+from lightning.pytorch.cli import LightningCLI
+from torch import nn
+
+from xception_pl.guard import found_nonfinite
+from xception_pl.host_syncs import _ReadCounter
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def parameters(function) -> list[str]:
+    return list(inspect.signature(function).parameters)
+
+
+def source(function) -> str:
+    return inspect.getsource(function)
+
+
+@pytest.fixture
+def trainer(tmp_path) -> L.Trainer:
+    return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------- Lightning
+def test_cli_py_overrides_lightning_clis_private_parse_ckpt_path_which_lightning_still_calls():
+    assert parameters(LightningCLI._parse_ckpt_path) == ["self"]
+    assert "self._parse_ckpt_path()" in source(LightningCLI.__init__)
+    assert parameters(LightningCLI._parser) == ["self", "subcommand"]
+
+
+def test_checkpointing_py_last_checkpoint_calls_model_checkpoints_private_methods():
+    for name in ("_should_skip_saving_checkpoint", "_should_save_on_train_epoch_end", "_monitor_candidates"):
+        assert parameters(getattr(ModelCheckpoint, name)) == ["self", "trainer"], name
+    assert parameters(ModelCheckpoint._save_topk_checkpoint) == ["self", "trainer", "monitor_candidates"]
+
+
+def test_callbacks_py_and_slurm_py_read_and_push_a_steps_logging_through_the_logger_connector(trainer):
+    connector = trainer._logger_connector
+    assert isinstance(type(connector).__dict__["should_update_logs"], property)
+    assert isinstance(connector.should_update_logs, bool)
+    assert parameters(connector.update_train_step_metrics) == []
+
+
+def test_slurm_py_replaces_the_epoch_loops_sigterm_broadcast_which_advance_calls(trainer):
+    loop = trainer.fit_loop.epoch_loop
+    assert parameters(loop._broadcast_sigterm_tensor) == []
+    assert "self._broadcast_sigterm_tensor()" in source(type(loop).advance)
+
+
+def test_slurm_py_wraps_validate_settings_which_the_launcher_calls_with_keywords():
+    from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+
+    assert parameters(SLURMEnvironment.validate_settings) == ["self", "num_devices", "num_nodes"]
+    assert "validate_settings(num_devices=" in source(_SubprocessScriptLauncher.launch)
+
+
+def test_slurm_py_passes_sigterm_on_through_the_launchers_kill():
+    from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
+
+    for launcher in (_MultiProcessingLauncher, _SubprocessScriptLauncher):
+        assert parameters(launcher.kill) == ["self", "signum"], launcher
+
+
+def test_datamodule_py_counts_trained_batches_from_the_epoch_loops_batch_progress(trainer):
+    from lightning.pytorch.loops.progress import _ProcessedTracker
+
+    current = trainer.fit_loop.epoch_loop.batch_progress.current
+    assert isinstance(current, _ProcessedTracker)
+    assert {"ready", "started", "processed", "completed"} <= {f.name for f in fields(current)}
+
+
+def test_module_py_learns_from_a_context_variable_that_lightning_cli_built_it():
+    from lightning.pytorch.core.mixins import hparams_mixin
+
+    assert isinstance(hparams_mixin._given_hyperparameters, ContextVar)
+    assert hparams_mixin._given_hyperparameters.get() is None  # outside the CLI's instantiation
+    assert "_given_hyperparameters_context(" in inspect.getsource(inspect.getmodule(LightningCLI))
+
+
+def test_module_py_asks_whether_a_trainer_is_attached_through_the_modules_trainer_attribute():
+    module = L.LightningModule()
+    assert module._trainer is None
+    with pytest.raises(RuntimeError, match="not attached to a `Trainer`"):
+        module.trainer  # what the check avoids
+
+
+def test_ema_py_reads_the_average_where_weight_averaging_keeps_it():
+    assert WeightAveraging()._average_model is None  # an AveragedModel from setup("fit") on
+    assert "self._average_model = AveragedModel(" in source(WeightAveraging.setup)
+    assert "_copy_average_to_current(" in source(WeightAveraging.on_train_end)  # what on_fit_end calls
+
+
+# ---------------------------------------------------------------------------------------------- torch
+def test_module_py_writes_the_hparams_summary_through_the_summary_writers_file_writer(tmp_path):
+    from lightning.fabric.loggers.logger import _DummyExperiment
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(tmp_path)
+    try:
+        assert callable(writer._get_file_writer().add_summary)
+    finally:
+        writer.close()
+    assert _DummyExperiment()._get_file_writer() is None  # a TensorBoardLogger's experiment off rank 0
+
+
+def test_the_hparams_summary_names_the_final_metrics_and_logs_no_scalar(tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+
+    from xception_pl.module import log_hyperparameters
+
+    logger = TensorBoardLogger(tmp_path, name="", version="", default_hp_metric=False)
+    log_hyperparameters(logger, {"lr": 0.1, "optimizer": {"class_path": "torch.optim.SGD"}}, {"val/acc1": 0.5})
+    logger.finalize("success")
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    summary = events.PluginTagToContent("hparams")
+    experiment = HParamsPluginData.FromString(summary["_hparams_/experiment"]).experiment
+    assert [m.name.tag for m in experiment.metric_infos] == ["val/acc1"]
+    assert {h.name for h in experiment.hparam_infos} == {"lr", "optimizer/class_path"}
+    assert events.Tags()["scalars"] == []  # no step-0 copy of val/acc1 (TensorBoardLogger.log_hyperparams's)
+
+
+def test_module_py_sets_the_lr_schedulers_last_lr_which_get_last_lr_returns():
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    scheduler._last_lr = [0.5]
+    assert scheduler.get_last_lr() == [0.5]
+
+
+def test_module_py_moves_its_counters_in_apply_which_to_goes_through():
+    moved = []
+
+    class Probe(nn.Module):
+        def _apply(self, fn, *args, **kwargs):
+            moved.append(fn(torch.zeros((), dtype=torch.long)).dtype)
+            return super()._apply(fn, *args, **kwargs)
+
+    Probe().to(torch.float64)
+    assert moved == [torch.long]  # .to(dtype) leaves integer tensors alone, as for buffers
+
+
+def test_optim_ema_and_guard_find_every_multi_tensor_op_they_call():
+    used = set()
+    for name in ("optim.py", "ema.py", "guard.py"):
+        used |= set(re.findall(r"torch\.(_(?:amp_)?foreach_\w+)", (ROOT / "xception_pl" / name).read_text()))
+    assert "_amp_foreach_non_finite_check_and_unscale_" in used and len(used) > 5
+    assert [name for name in sorted(used) if not hasattr(torch, name)] == []
+
+
+def test_guard_py_flags_a_non_finite_gradient_with_grad_scalers_kernel():
+    finite = [torch.ones(3), torch.ones(2, dtype=torch.float64)]
+    assert found_nonfinite(finite).tolist() == [0.0]
+    assert found_nonfinite([*finite, torch.tensor([1.0, float("nan")])]).tolist() == [1.0]
+    assert finite[0].tolist() == [1.0, 1.0, 1.0]  # unscaled by 1: unchanged
+
+
+def test_optim_py_and_guard_py_rely_on_grad_scalers_contract_with_optimizers():
+    from torch.amp.grad_scaler import GradScaler
+
+    step = source(GradScaler.step)
+    assert "_step_supports_amp_scaling" in step and "found_inf" in step and "grad_scale" in step
+
+
+def test_host_syncs_py_sees_every_host_read_as_local_scalar_dense():
+    with _ReadCounter() as counter:
+        torch.ones(2).sum().item()
+        float(torch.ones(()))
+        bool(torch.ones(()))
+    assert counter.reads == 3
