@@ -17,12 +17,12 @@ from xception_pl.data.device_decode import BatchTransform, DecodeOnDevice
 from xception_pl.data.images import image_files, image_loader
 from xception_pl.data.pipeline import EpochLoader, EpochSeed, carry_skips, eval_pipeline, rank_shards, train_pipeline
 from xception_pl.data.position import StreamPosition
-
-if TYPE_CHECKING:  # a private class of Lightning's (README "Seams"): for the type only
-    from lightning.pytorch.loops.progress import _ProcessedTracker
 from xception_pl.data.samples import DecodeSamples, SkipCounter
 from xception_pl.data.sources import ShardSet, dataset_facts, resolve
 from xception_pl.data.workers import ignore_stop_signals_in_worker
+
+if TYPE_CHECKING:  # a private class of Lightning's (README "Seams"): for the type only
+    from lightning.pytorch.loops.progress import _ProcessedTracker
 
 
 class WebDatasetDataModule(L.LightningDataModule):
