@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tests.helpers import free_port
 from tests.slurm import daemons
-from tests.slurm.config import COMMAND_TIMEOUT_S, CPUS_PER_NODE, GPUS_PER_NODE, NODE_NAMES, STOP_TIMEOUT_S, SlurmClusterError
+from tests.slurm.config import COMMAND_TIMEOUT_S, GPUS_PER_NODE, NODE_NAMES, STOP_TIMEOUT_S, SlurmClusterError
 
 #: Job states after which a job never runs again (``REQUEUED``/``COMPLETING`` are not final).
 TERMINAL_STATES = frozenset(
@@ -74,10 +74,6 @@ class JobResult:
     info: dict[str, str]  #: the whole record
 
     @property
-    def returncode(self) -> int:
-        return int(self.exit_code.split(":")[0])
-
-    @property
     def std_out(self) -> Path | None:
         p = self.info.get("StdOut")
         return Path(p) if p else None
@@ -113,7 +109,6 @@ class SlurmCluster:
         self.env = env
         self.ports = ports
         self.nodes: tuple[str, ...] = NODE_NAMES
-        self.cpus_per_node = CPUS_PER_NODE
         self.gpus_per_node = GPUS_PER_NODE
         self.job_dir = root / "jobs"
         self.log_dir = root / "log"
@@ -278,9 +273,6 @@ class SlurmCluster:
         if full:
             argv.append("--full")
         self.run(*argv, str(job_id))
-
-    def cancel(self, job_id: str | int) -> None:
-        self.run("scancel", str(job_id), check=False)
 
     def jobs(self) -> list[str]:
         """Ids of all jobs slurmctld knows that are not finished."""
