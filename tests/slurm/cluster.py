@@ -18,20 +18,8 @@ from tests.slurm import daemons
 from tests.slurm.config import COMMAND_TIMEOUT_S, GPUS_PER_NODE, NODE_NAMES, STOP_TIMEOUT_S, SlurmClusterError
 
 #: Job states after which a job never runs again (``REQUEUED``/``COMPLETING`` are not final).
-TERMINAL_STATES = frozenset(
-    {
-        "BOOT_FAIL",
-        "CANCELLED",
-        "COMPLETED",
-        "DEADLINE",
-        "FAILED",
-        "NODE_FAIL",
-        "OUT_OF_MEMORY",
-        "PREEMPTED",
-        "REVOKED",
-        "TIMEOUT",
-    }
-)
+TERMINAL_STATES = frozenset({"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY",
+                             "PREEMPTED", "REVOKED", "TIMEOUT"})
 
 
 def _tail(path: Path, max_chars: int = 6000) -> str:
@@ -119,27 +107,14 @@ class SlurmCluster:
         self._script_counter = itertools.count()
 
     # ------------------------------------------------------------------ commands
-    def run(
-        self,
-        *cmd: str | os.PathLike,
-        timeout: float = COMMAND_TIMEOUT_S,
-        check: bool = True,
-        env: Mapping[str, str] | None = None,
-    ) -> subprocess.CompletedProcess:
+    def run(self, *cmd: str | os.PathLike, timeout: float = COMMAND_TIMEOUT_S, check: bool = True,
+            env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess:
         """Run a client command (``squeue``, ``scontrol`` ...) against this cluster."""
         argv = [os.fspath(c) for c in cmd]
-        full_env = dict(self.env)
-        if env:
-            full_env.update(env)
+        full_env = {**self.env, **(env or {})}
         try:
-            proc = subprocess.run(
-                argv,
-                env=full_env,
-                capture_output=True,
-                text=True,
-                timeout=timeout,
-                stdin=subprocess.DEVNULL,
-            )
+            proc = subprocess.run(argv, env=full_env, capture_output=True, text=True, timeout=timeout,
+                                  stdin=subprocess.DEVNULL)
         except subprocess.TimeoutExpired as exc:
             raise SlurmClusterError(f"{shlex.join(argv)} timed out after {timeout}s") from exc
         if check and proc.returncode != 0:

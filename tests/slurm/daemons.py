@@ -27,15 +27,9 @@ def spawn(name: str, argv: list[str], env: Mapping[str, str], log_dir: Path) -> 
     """Start a daemon in the foreground, its stdout+stderr in ``log_dir/<name>.stdout``."""
     out = open(log_dir / f"{name}.stdout", "wb")  # noqa: SIM115 - owned by Popen
     try:
-        return subprocess.Popen(
-            argv,
-            env=dict(env),
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # Ctrl-C in the terminal must not hit them
-            preexec_fn=_die_with_parent,
-        )
+        return subprocess.Popen(argv, env=dict(env), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True,  # Ctrl-C in the terminal must not hit them
+                                preexec_fn=_die_with_parent)
     finally:
         out.close()
 
@@ -57,28 +51,14 @@ def start_daemons(cluster: SlurmCluster, timeout: float) -> None:
     key = root / "munge" / "munge.key"
     key.write_bytes(os.urandom(1024))
     key.chmod(0o400)
-    cluster._spawn(
-        "munged",
-        [
-            which("munged"),
-            "--foreground",
-            "--force",
-            f"--socket={sock}",
-            f"--key-file={key}",
-            f"--pid-file={root}/run/munged.pid",
-            f"--log-file={root}/log/munged.log",
-            f"--seed-file={root}/munge/munged.seed",
-        ],
-    )
+    cluster._spawn("munged", [which("munged"), "--foreground", "--force", f"--socket={sock}", f"--key-file={key}",
+                              f"--pid-file={root}/run/munged.pid", f"--log-file={root}/log/munged.log",
+                              f"--seed-file={root}/munge/munged.seed"])
     wait_for(lambda: sock.exists(), timeout, "munged socket", cluster)
 
     cluster._spawn("slurmctld", [which("slurmctld"), "-D", "-i", "-f", conf])
-    wait_for(
-        lambda: cluster.run("scontrol", "ping", check=False, timeout=10).stdout.count("UP") > 0,
-        timeout,
-        "slurmctld to answer `scontrol ping`",
-        cluster,
-    )
+    wait_for(lambda: cluster.run("scontrol", "ping", check=False, timeout=10).stdout.count("UP") > 0,
+             timeout, "slurmctld to answer `scontrol ping`", cluster)
     for name in cluster.nodes:
         cluster._spawn(f"slurmd-{name}", [which("slurmd"), "-D", "-N", name, "-f", conf])
 
