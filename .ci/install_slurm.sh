@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install SLURM (slurm-wlm) and munge for the private test cluster in tests/slurm_cluster.py.
+# Install SLURM (slurm-wlm) and munge for the private test cluster in tests/slurm/ (see its README.md).
 #
 # Idempotent: exits 0 at once when every binary is already there. Otherwise installs the
 # Debian/Ubuntu packages with apt-get, running `apt-get update` only when the package

@@ -1,4 +1,4 @@
-pytest_plugins = ["tests.slurm_cluster"]  # the private SLURM cluster fixture
+pytest_plugins = ["tests.slurm.fixture"]  # the private SLURM cluster fixture
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Tests of the private SLURM test cluster itself (tests/slurm_cluster.py).
+"""Tests of the private SLURM test cluster itself (tests/slurm/).
 
 They document the behaviour later tests rely on: two nodes, ``srun`` ranks, fake GPUs
 via GRES, requeue with ``SLURM_RESTART_COUNT``, and how SIGUSR1 reaches job steps.
@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 
-# Registers the `slurm_cluster` fixture. As a plugin (not `import slurm_cluster`) it is
+# Registers the `slurm_cluster` fixture. As a plugin (not an imported fixture) it is
 # the same single session cluster when tests/conftest.py also lists this plugin.
-pytest_plugins = ["tests.slurm_cluster"]
-pytest.register_assert_rewrite("tests.slurm_cluster")  # no "already imported" warning
+pytest_plugins = ["tests.slurm.fixture"]
+pytest.register_assert_rewrite("tests.slurm.fixture")  # no "already imported" warning
 
-from tests import slurm_cluster as sc  # noqa: E402
-from tests.slurm_cluster import SlurmCluster, SlurmClusterError  # noqa: E402
+from tests.slurm import SlurmCluster, SlurmClusterError, config, daemons  # noqa: E402
+from tests.slurm import slurm_cluster_ctx, start_slurm_cluster  # noqa: E402
 
 PY = sys.executable
 
@@ -236,19 +236,19 @@ def test_sbatch_signal_option_reaches_steps_before_time_limit(slurm_cluster: Slu
 def test_second_private_cluster_starts_and_stops_cleanly(slurm_cluster: SlurmCluster):
     """A second cluster (own ports, own munge) runs beside the session one, and stop()
     leaves no process of it behind and removes its temp dir."""
-    with sc.slurm_cluster_ctx() as other:
+    with slurm_cluster_ctx() as other:
         assert other.root != slurm_cluster.root
         assert other.ports["slurmctld"] != slurm_cluster.ports["slurmctld"]
         job = other.sbatch(wrap="srun sleep 300", nodes=2, ntasks_per_node=1)
         other.wait(job, timeout=30, states={"RUNNING"})
         pids = [p.pid for p in other._procs.values()]
         root = other.root
-        marker = f"{sc.MARKER_ENV}={root}".encode()
+        marker = f"{config.MARKER_ENV}={root}".encode()
         time.sleep(1)
-        assert len(sc._pids_with_env(marker)) > len(pids)  # daemons + slurmstepd + tasks
+        assert len(daemons.pids_with_env(marker)) > len(pids)  # daemons + slurmstepd + tasks
     for pid in pids:
         assert not Path(f"/proc/{pid}").exists() or _is_zombie(pid), pid
-    assert [p for p in sc._pids_with_env(marker) if not _is_zombie(p)] == []
+    assert [p for p in daemons.pids_with_env(marker) if not _is_zombie(p)] == []
     assert not root.exists()
     # the session cluster is unaffected
     assert slurm_cluster.node_states() == {"node1": "idle", "node2": "idle"}
@@ -262,6 +262,6 @@ def _is_zombie(pid: int) -> bool:
 
 
 def test_missing_binaries_fail_with_install_hint(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(sc, "_missing_binaries", lambda: ["slurmctld", "munged"])
+    monkeypatch.setattr(config, "missing_binaries", lambda: ["slurmctld", "munged"])
     with pytest.raises(SlurmClusterError, match=r"slurmctld, munged.*install_slurm\.sh"):
-        sc.start_slurm_cluster()
+        start_slurm_cluster()

@@ -1,4 +1,4 @@
-"""A study as a SLURM job array on the private test cluster (tests/slurm_cluster.py): `sweep --submit` ->
+"""A study as a SLURM job array on the private test cluster (tests/slurm/): `sweep --submit` ->
 one array task per variant -> one run directory each -> a report with a row per variant."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from tests.slurm_cluster import SlurmCluster
+from tests.slurm import SlurmCluster
 from tests.system.test_sweep import DEMO, ROOT, STEPS, tiny_base, tiny_study
 from xception_pl.data import make_demo_data
 from xception_pl.report import report

@@ -1,4 +1,4 @@
-"""The sbatch scripts end to end on the private two-node SLURM cluster (tests/slurm_cluster.py), on CPU.
+"""The sbatch scripts end to end on the private two-node SLURM cluster (tests/slurm/), on CPU.
 
 DDP over gloo across node1 and node2, SIGUSR1 -> hpc checkpoint -> requeue -> resume, and wrong
 launches that must fail at once with the fix instead of hanging. Each job trains Xception at 71 px,
@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from tests.helpers import IMAGE, scalars
-from tests.slurm_cluster import JobResult, SlurmCluster
+from tests.slurm import JobResult, SlurmCluster
 from xception_pl import slurm
 from xception_pl.data import make_demo_data
 
