@@ -25,7 +25,7 @@ def test_log_file_gets_one_line_per_logging_step_and_per_validation(tmp_path):
                         trainer=dict(enable_progress_bar=True, log_every_n_steps=2, max_epochs=2))
     with open(tmp_path / "stdout.txt", "w") as stdout:  # as in a SLURM output file: not a terminal
         result = subprocess.run([sys.executable, "-m", "xception_pl", "fit", "--config", str(config)], cwd=ROOT,
-                                stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=300)
+                                stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = (tmp_path / "stdout.txt").read_text().splitlines()
     steps = [line for line in lines if line.startswith("step ")]
