@@ -75,8 +75,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             path.parent.mkdir(parents=True, exist_ok=True)
             for stale in path.parent.glob(f".*{path.suffix}{TMP_INFIX}*"):  # of a killed writer (one per run)
                 stale.unlink(missing_ok=True)
-            with atomic_path(path) as tmp:
-                torch.save(checkpoint, tmp)
+            with atomic_path(path) as tmp, open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
         except (OSError, RuntimeError) as error:
             cause = os_error_in(error)  # torch.save reports a failed write as a RuntimeError from its zip writer
             if cause is None:

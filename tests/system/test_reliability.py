@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from tests.crash import HOOKS, TinyNetwork, run_cli
 from tests.helpers import IMAGE, run_config, scalars, tiny_data, tiny_module, tiny_trainer
 from tests.data_helpers import shards
-from xception_pl import callbacks
+from xception_pl import checkpointing
 from xception_pl.checkpointing import AtomicCheckpointIO, newest_checkpoint
 from xception_pl.cli import main
 from xception_pl.data import WebDatasetDataModule, make_demo_data
@@ -235,7 +235,7 @@ def test_same_seed_and_config_give_the_same_loss_curve_to_the_last_digit(tmp_pat
 
 
 def failing_open(fail_at: int, error: int, when: str):
-    """`open` for xception_pl.callbacks whose `fail_at`-th checkpoint file fails with `error`, when opened or
+    """`open` for xception_pl.checkpointing whose `fail_at`-th checkpoint file fails with `error`, when opened or
     after its first 100 bytes are written, as a full disk or a write-protected directory does."""
     calls = []
 
@@ -266,7 +266,7 @@ def test_a_failed_checkpoint_write_stops_training_keeps_the_previous_file_and_na
         tmp_path, demo_root, monkeypatch, error, when, fix):
     run = tmp_path / "run"
     # writes: last.ckpt at step 2, then the best-k file after the validation at step 3 fails
-    monkeypatch.setattr(callbacks, "open", failing_open(2, error, when), raising=False)
+    monkeypatch.setattr(checkpointing, "open", failing_open(2, error, when), raising=False)
     with pytest.raises(SystemExit) as stop:
         main(["fit", "--config", str(fit_config(tmp_path / "c.yaml", run, demo_root))])
     message = str(stop.value)
