@@ -132,6 +132,24 @@ def test_on_resume_the_configs_optimizer_and_schedule_win_and_the_change_is_said
     assert "momentum=0.5 (checkpoint: 0.9)" in said and "decay_rate=0.25 (checkpoint: 0.5)" in said
 
 
+def test_validate_with_a_checkpoint_file_takes_its_arguments_only_where_the_config_has_defaults(tmp_path, capsys):
+    """`validate --ckpt_path FILE` rebuilds the trained model: the checkpoint's model arguments fill in what the
+    config and command line leave at their defaults; what they set wins, and the difference is said once."""
+    run = tmp_path / "run"
+    main(["fit", "--config", str(run_config(tmp_path / "c.yaml", run)), "--trainer.max_steps", "1",
+          "--model.label_smoothing", "0.1", "--model.predict_top_k", "3"])
+    checkpoint = str(run / "checkpoints" / "last.ckpt")
+    config = run_config(tmp_path / "v.yaml", tmp_path / "v")  # label_smoothing and predict_top_k at their defaults
+    capsys.readouterr()
+    cli = XceptionCLI(args=["validate", "--config", str(config), "--ckpt_path", checkpoint,
+                            "--model.predict_top_k", "2"])
+    assert cli.model.hparams.label_smoothing == 0.1  # the checkpoint's: the config left it at its default
+    assert cli.model.hparams.predict_top_k == 2  # the command line's
+    said = capsys.readouterr().out
+    assert said.count("--ckpt_path") == 1
+    assert f"--ckpt_path {checkpoint}: the config's model.predict_top_k replace the checkpoint's" in said
+
+
 def test_batchnorm_state_follows_the_model_when_it_is_moved():
     from xception_pl.guard import BatchNormState
 
