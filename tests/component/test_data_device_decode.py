@@ -177,6 +177,23 @@ def test_gpu_training_batches_decode_ahead_on_a_side_stream_and_skip_corrupt_ima
 
 
 @pytest.mark.cuda
+def test_gpu_batched_crop_never_makes_the_host_wait_for_the_device():
+    """The crop runs on the side stream while the host queues the step: a host sync there (a copy from
+    pageable memory, an .item()) would stall the host until the GPU drains. The GPU check counted 5 per batch."""
+    images = [smooth_image(h, w, s).cuda() for s, (h, w) in enumerate(IMAGES)]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any synchronizing call raises
+    try:
+        train = RandomResizedCropFlip(24)(images)
+        val = ResizeCenterCrop(24, 28)(images)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert train.is_cuda and train.shape == val.shape == (len(IMAGES), 3, 24, 24)
+    cpu = ResizeCenterCrop(24, 28)([image.cpu() for image in images])
+    assert (val.cpu().int() - cpu.int()).abs().max() <= 1  # the pinned copies carried the right boxes
+
+
+@pytest.mark.cuda
 def test_lightning_fits_and_validates_with_gpu_decode(tmp_path):
     from tests.helpers import tiny_module, tiny_trainer
 
