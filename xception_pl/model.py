@@ -11,8 +11,10 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Literal, Mapping
 
+import math
+
 import torch
-from timm.layers.pool2d_same import MaxPool2dSame
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -47,6 +49,25 @@ EXIT_CONVS = (1536, 2048)  # SeparableConv -> BN -> ReLU, after the last residua
 # Sec. 4.7 / Figure 10: what may sit between the depthwise and the pointwise convolution.
 INTERMEDIATE_ACTIVATIONS = {"none": nn.Identity, "relu": nn.ReLU, "elu": nn.ELU}
 IntermediateActivation = Literal["none", "relu", "elu"]
+
+
+class MaxPool2dSame(nn.MaxPool2d):
+    """Max-pool with TensorFlow's "same" padding, without copying the input into a padded one (ours).
+
+    TF pads p = (ceil(L / s) - 1) * s + k - L pixels in all, the odd one at the bottom/right. A max ignores
+    padding, so p // 2 on every side is the pool's own padding, and the odd pixel is ceil_mode's partial last
+    window. Equal, forward and backward, to timm's MaxPool2dSame (pad with -inf, then pool) at every size;
+    that one writes a padded copy of the activation at each of the four pools, twice with its backward."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        (height, width), k, s = x.shape[-2:], self.kernel_size, self.stride
+        pads = [max((math.ceil(size / s) - 1) * s + k - size, 0) for size in (height, width)]
+        if pads[0] % 2 != pads[1] % 2:  # odd on one axis only: ceil_mode cannot tell the two apart
+            x = F.pad(x, (0, pads[1] % 2, 0, pads[0] % 2), value=-math.inf)
+            pads = [pad - pad % 2 for pad in pads]
+        return F.max_pool2d(x, k, s, padding=(pads[0] // 2, pads[1] // 2), ceil_mode=pads[0] % 2 == 1)
+
+
 # Max-pool 3x3 s2 (Figure 5). "same" is TensorFlow's padding (the paper trained in Keras: 74 -> 37
 # pads only bottom/right); "symmetric" pads 1 everywhere as timm's port does.
 POOLS = {"same": partial(MaxPool2dSame, 3, 2), "symmetric": partial(nn.MaxPool2d, 3, 2, 1)}

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from xception_pl import Xception
-from xception_pl.model import ResidualModule, SeparableConv2d
+from xception_pl.model import MaxPool2dSame, ResidualModule, SeparableConv2d
 
 PAPER_PARAMETERS = 22_855_952  # Table 3
 
@@ -141,6 +141,38 @@ def randomized_timm_xception() -> nn.Module:
     with torch.no_grad():
         model.train()(torch.randn(4, 3, 299, 299))
     return model.eval()
+
+
+@pytest.mark.parametrize("width_offset", [0, 1])  # square, and one axis even where the other is odd
+def test_same_max_pool_equals_padding_with_minus_infinity_then_pooling(width_offset):
+    """TensorFlow's "same" max-pool (sec. 4.3's Keras network) as timm computes it, with a padded copy of the
+    input: our pool without the copy gives the same output and gradient at every size from 1 to 40."""
+    from timm.layers.pool2d_same import MaxPool2dSame as PadThenPool
+
+    for size in range(1, 41):
+        x = torch.randn(2, 3, size, size + width_offset, dtype=torch.double, requires_grad=True)
+        ours, reference = MaxPool2dSame(3, 2)(x), PadThenPool(3, 2)(x)
+        grad = torch.randn_like(reference)
+        assert ours.shape == reference.shape and torch.equal(ours, reference), size
+        assert torch.equal(*(torch.autograd.grad(y, x, grad)[0] for y in (ours, reference))), size
+
+
+def test_same_max_pool_copies_no_padded_input_at_299(xception):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Ops() as ops:
+        xception.eval()(torch.randn(1, 3, 299, 299))
+    assert sum(name.startswith("max_pool2d") for name in ops.names) == 4  # Figure 5's four stride-2 modules
+    assert not [name for name in ops.names if "pad" in name]
 
 
 def test_from_timm_matches_legacy_xception(tmp_path):
