@@ -38,3 +38,20 @@ class SlowSteps(L.Callback):
         time.sleep(self.seconds)
         if trainer.is_global_zero and trainer.global_step == self.after:
             self.marker.touch()
+
+
+class SignalsNoted(L.Callback):
+    """Per rank, when the fit stops on an exception (the SIGTERM exit): the signal that rank's RequeueOnSignal
+    noted itself (null: it learned of the stop only from the other ranks) and the rank's process id."""
+
+    def __init__(self, output: str) -> None:
+        self.output = Path(output)
+
+    def on_exception(self, trainer, pl_module, exception):
+        import os
+
+        from xception_pl.slurm import RequeueOnSignal
+
+        [requeue] = [c for c in trainer.callbacks if isinstance(c, RequeueOnSignal)]
+        path = self.output.with_name(f"{self.output.stem}.rank{trainer.global_rank}.json")
+        path.write_text(json.dumps({"signal": requeue.signal, "pid": os.getpid()}))

@@ -1,7 +1,8 @@
 """Launching beyond sbatch: `torchrun --nproc_per_node 2` on CPU, SIGTERM in the middle of an epoch (how
 Kubernetes and torchrun preempt), every rank saves at an agreed batch end, and `--ckpt_path last` resumes to
-the final step of an uninterrupted run."""
+the final step of an uninterrupted run; and without a launcher, where Lightning starts rank 1 itself."""
 
+import json
 import os
 import signal
 import subprocess
@@ -17,16 +18,24 @@ ROOT = Path(__file__).resolve().parents[2]
 MAX_STEPS = 12
 
 
-def command(tmp_path: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-            "-m", "xception_pl", "fit", "--config", "configs/smoke.yaml",
+def command(tmp_path: Path, *extra: str, torchrun: bool = True) -> list[str]:
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
+    return [sys.executable, *(launcher if torchrun else []), "-m", "xception_pl", "fit",
+            "--config", "configs/smoke.yaml",
             "--data", "xception_pl.data.synthetic.SyntheticDataModule", "--data.init_args.image_size", "32",
             "--data.init_args.train_size", "64", "--data.init_args.batch_size", "2",
-            "--data.init_args.num_workers", "0",  # torchrun signals the process group: workers die of SIGTERM
+            "--data.init_args.num_workers", "1",  # torchrun signals the process group: workers outlive SIGTERM
             "--model.network", "tests.crash.TinyNetwork", "--trainer.accelerator", "cpu", "--trainer.devices", "2",
             "--trainer.strategy", "ddp", "--trainer.max_steps", str(MAX_STEPS), "--trainer.max_epochs", "1",
             "--trainer.log_every_n_steps", "2", "--trainer.limit_val_batches", "0",
             "--trainer.default_root_dir", str(tmp_path / "run"), *extra]
+
+
+def wait_for(marker: Path, process: subprocess.Popen) -> None:
+    deadline = time.time() + 240
+    while not marker.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert marker.exists(), process.communicate(timeout=60)[0][-3000:]
 
 
 def test_sigterm_under_torchrun_saves_on_every_rank_and_the_run_resumes_to_the_same_final_step(tmp_path):
@@ -35,10 +44,7 @@ def test_sigterm_under_torchrun_saves_on_every_rank_and_the_run_resumes_to_the_s
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     process = subprocess.Popen(command(tmp_path, *slow), cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    deadline = time.time() + 240
-    while not marker.exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    assert marker.exists(), process.communicate(timeout=60)[0][-3000:]
+    wait_for(marker, process)
     process.send_signal(signal.SIGTERM)  # to torchrun, which passes it on to its workers
     output = process.communicate(timeout=120)[0]
     assert process.returncode != 0  # stopped, not finished
@@ -53,3 +59,35 @@ def test_sigterm_under_torchrun_saves_on_every_rank_and_the_run_resumes_to_the_s
     final = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     assert final["global_step"] == MAX_STEPS  # what an uninterrupted run of max_steps ends at
     assert f"resuming from {saved}" in resumed.stdout + resumed.stderr
+
+
+def test_sigterm_to_the_main_process_of_a_fit_that_lightning_launched_reaches_every_rank(tmp_path):
+    """No launcher: Lightning starts rank 1 itself. A SIGTERM to the main process alone (`kill <pid>`, a
+    container stop) reaches rank 1 through Lightning's launcher (README "Seams": `launcher.kill`), both ranks
+    save at the agreed batch end and exit, and no rank is left running."""
+    marker, noted = tmp_path / "step3", tmp_path / "noted"
+    probes = ["--trainer.callbacks+=tests.probes.SlowSteps", f"--trainer.callbacks.marker={marker}",
+              "--trainer.callbacks+=tests.probes.SignalsNoted", f"--trainer.callbacks.output={noted}"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    process = subprocess.Popen(command(tmp_path, *probes, torchrun=False), cwd=ROOT, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    wait_for(marker, process)
+    process.send_signal(signal.SIGTERM)  # to the main process (rank 0) only, not its process group
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == 128 + signal.SIGTERM and "SIGTERM: saved" in output, output[-3000:]
+    ranks = [json.loads((tmp_path / f"noted.rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert [rank["signal"] for rank in ranks] == [signal.SIGTERM] * 2  # rank 1 got the signal, not only the news
+    [saved] = list((tmp_path / "run").glob("hpc_ckpt_*.ckpt"))
+    assert 3 <= torch.load(saved, weights_only=True)["global_step"] < MAX_STEPS
+    deadline = time.time() + 30
+    while running(ranks[1]["pid"]) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not running(ranks[1]["pid"]), "rank 1 is still running"
+
+
+def running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state not in ("Z", "X")  # a zombie has exited and waits for its new parent to reap it
