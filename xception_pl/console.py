@@ -13,7 +13,7 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from xception_pl.progress import global_batch
+from xception_pl.progress import global_batch, per_device_batch
 
 
 class WithoutTips(logging.Filter):
@@ -66,8 +66,7 @@ def start_lines(trainer: L.Trainer, pl_module: L.LightningModule, config_files: 
     lines = [f"config: {', '.join(config_files)}"] if config_files else []
     if data is not None:
         lines.append(f"data: {type(data).__name__}, {data_facts(data)}")
-    per_device = global_batch(trainer, pl_module) // (trainer.world_size * trainer.accumulate_grad_batches)
-    steps = trainer.estimated_stepping_batches
+    steps, per_device = trainer.estimated_stepping_batches, per_device_batch(trainer, pl_module)
     lines.append(f"global batch: {per_device} per device x {trainer.num_devices} devices x {trainer.num_nodes} "
                  f"nodes x {trainer.accumulate_grad_batches} accumulation = {global_batch(trainer, pl_module)}; "
                  f"{trainer.num_training_batches // trainer.accumulate_grad_batches:,} steps per epoch, "

@@ -117,12 +117,14 @@ def epoch(trainer: L.Trainer) -> str:
     return f"{trainer.current_epoch + 1}/{end}" if end is not None and end > 0 else str(trainer.current_epoch + 1)
 
 
+def per_device_batch(trainer: L.Trainer, pl_module: L.LightningModule) -> int:
+    """Images per device per forward: the module's batch_size (ours: what its schedules count), else the data's."""
+    return pl_module.hparams.get("batch_size") or getattr(trainer.datamodule, "batch_size", None) or 1
+
+
 def global_batch(trainer: L.Trainer, pl_module: L.LightningModule) -> int:
     """Samples per optimizer step over all devices: per-device batch x devices x nodes x accumulation."""
-    if hasattr(pl_module, "global_batch_size"):  # ours
-        return pl_module.global_batch_size
-    per_device = getattr(trainer.datamodule, "batch_size", None) or pl_module.hparams.get("batch_size", 1)
-    return per_device * trainer.world_size * trainer.accumulate_grad_batches
+    return per_device_batch(trainer, pl_module) * trainer.world_size * trainer.accumulate_grad_batches
 
 
 def total_steps(trainer: L.Trainer) -> int | str:
