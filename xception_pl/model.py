@@ -5,13 +5,12 @@ Shapes in comments are for a 299x299 input (sec. 4.3); the smallest input is 71.
 
 from __future__ import annotations
 
+import math
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from functools import partial
 from typing import Literal, Mapping
-
-import math
 
 import torch
 import torch.nn.functional as F

@@ -1,4 +1,4 @@
-"""System tests of benchmarks/throughput.py and benchmarks/gpu_check.sh: the whole scripts on CPU, tiny settings."""
+"""System tests of benchmarks/throughput.py, gpu_check.sh and max_pool.py: the whole scripts on CPU, tiny settings."""
 
 import json
 import os
@@ -67,3 +67,15 @@ def test_gpu_check_on_cpu_trains_every_path_through_the_cli_and_reports_syncs_th
     lines = result.stdout.rstrip().splitlines()
     assert lines[-11] == "| check | status | numbers | note |"  # the table last: 8 paths, 1 throughput row
     assert lines[-1].startswith("| a: train step fp32 channels_last eager, batch 2 | ok | ours ")
+
+
+def test_max_pool_script_times_both_pools_at_the_four_xception_shapes() -> None:
+    command = [sys.executable, str(ROOT / "benchmarks" / "max_pool.py"), "--batch", "1", "--repeats", "2",
+               "--network-repeats", "1"]
+    result = subprocess.run(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| ") and "ms" not in line]
+    assert [row[0].strip() for row in rows] == ["128x147x147", "256x74x74", "728x37x37", "1024x19x19", "all four",
+                                               "whole network, inference forward (median of 1)"]
+    assert all(float(cell) > 0 for row in rows for cell in row[1:])
