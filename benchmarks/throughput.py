@@ -30,7 +30,8 @@ worker, so batches prefetched during warm-up cannot inflate the rate); the devic
 each timed region. Peak memory: CUDA max_memory_allocated, or peak RSS on CPU.
 Before any timing, Xception.from_timm(timm's state dict) is checked against timm (eval, fp32 and bf16).
 The timed network is Xception(), what the CLI trains: TF "same" max-pool padding and BN eps 1e-3,
-where from_timm takes timm's symmetric padding and eps 1e-5 (same cost, up to three pools' pads).
+where from_timm takes timm's symmetric padding and eps 1e-5 (same cost: our "same" pools pad in the pool,
+without a padded copy; benchmarks/max_pool.py).
 Prints a table last; writes every number with the environment to --out (JSON).
 """
 
