@@ -17,8 +17,11 @@ def ignore_stop_signals_in_worker(worker_id: int = 0) -> None:
     would run a copy of the training process's handler, or die of it. SIGTERM (torchrun signals each
     rank's whole process group, SLURM every process of the step) ends a worker only SIGTERM_GRACE_S
     later: one that died at once would crash the fit before it saved (the DataLoader raises when a worker
-    is killed). Not ignored outright: multiprocessing stops leftover daemon workers with SIGTERM at
-    interpreter exit and waits for them."""
+    is killed). Not ignored outright: multiprocessing stops daemon workers still alive at interpreter exit
+    with SIGTERM and waits for them; such a worker ends within the grace. (Lightning stops its loaders'
+    workers before that, on a SIGTERM stop too: torchrun's SIGTERM to exit takes ~4 s in the torchrun test.)
+    Not told apart by sender: a Python handler does not see it, and a thread taking SIGTERM with
+    sigwaitinfo misses it where torch's threads, started before this runs, leave it unblocked."""
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, end_after_grace)
 
