@@ -106,7 +106,7 @@ _at_fork_registered = False
 
 def ignore_stop_signals_in_forked_children() -> None:
     """Under srun, forked children (DataLoader workers by default) ignore SIGUSR1 from birth, before their
-    worker_init_fn (`ignore_stop_signals_in_worker`) runs. Not SIGTERM: it would outlive exec in a subprocess."""
+    worker_init_fn (`StopSignalsInWorker`) runs. Not SIGTERM: it would outlive exec in a subprocess."""
     global _at_fork_registered
     if not _at_fork_registered:
         os.register_at_fork(after_in_child=lambda: signal.signal(signal.SIGUSR1, signal.SIG_IGN))

@@ -19,7 +19,7 @@ from xception_pl.data.pipeline import EpochLoader, EpochSeed, carry_skips, eval_
 from xception_pl.data.position import StreamPosition
 from xception_pl.data.samples import DecodeSamples, SkipCounter
 from xception_pl.data.sources import ShardSet, dataset_facts, resolve
-from xception_pl.data.workers import ignore_stop_signals_in_worker
+from xception_pl.data.workers import StopSignalsInWorker
 
 if TYPE_CHECKING:  # a private class of Lightning's (README "Seams"): for the type only
     from lightning.pytorch.loops.progress import _ProcessedTracker
@@ -162,7 +162,7 @@ class WebDatasetDataModule(L.LightningDataModule):
         if num_workers > 0:
             args.update(persistent_workers=self.persistent_workers, prefetch_factor=self.prefetch_factor,
                         multiprocessing_context=self.multiprocessing_context,
-                        worker_init_fn=ignore_stop_signals_in_worker)  # SIGUSR1 and SIGTERM are for the trainer
+                        worker_init_fn=StopSignalsInWorker(self.multiprocessing_context))
         return args
 
     def train_dataloader(self) -> EpochLoader:

@@ -10,7 +10,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from xception_pl.data.workers import ignore_stop_signals_in_worker
+from xception_pl.data.workers import StopSignalsInWorker
 
 
 class SyntheticImages(Dataset):
@@ -72,7 +72,8 @@ class SyntheticDataModule(L.LightningDataModule):
             batch = {k: v.to(hp.device) if torch.is_tensor(v) else v for k, v in batch.items()}
             return DataLoader([batch] * (size // hp.batch_size), batch_size=None)
         return DataLoader(dataset, batch_size=hp.batch_size, shuffle=shuffle, num_workers=hp.num_workers,
-                          drop_last=shuffle, worker_init_fn=ignore_stop_signals_in_worker)
+                          drop_last=shuffle,
+                          worker_init_fn=StopSignalsInWorker() if hp.num_workers else None)
 
     def train_dataloader(self) -> DataLoader:
         return self.loader(self.hparams.train_size, self.hparams.seed, shuffle=True)

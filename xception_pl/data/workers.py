@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
+import multiprocessing
+import os
 import signal
 
 # Ours: how long a worker outlives SIGTERM. torchrun (after 30 s by default) and SLURM (KillWait, 30 s by
@@ -9,7 +12,7 @@ import signal
 SIGTERM_GRACE_S = 30
 
 
-def ignore_stop_signals_in_worker(worker_id: int = 0) -> None:
+class StopSignalsInWorker:
     """A DataLoader worker_init_fn: stop signals are for the training process, which saves at a batch end
     that all ranks agree on, then stops its workers.
 
@@ -17,17 +20,26 @@ def ignore_stop_signals_in_worker(worker_id: int = 0) -> None:
     would run a copy of the training process's handler, or die of it. SIGTERM (torchrun signals each
     rank's whole process group, SLURM every process of the step) ends a worker only SIGTERM_GRACE_S
     later: one that died at once would crash the fit before it saved (the DataLoader raises when a worker
-    is killed). Not ignored outright: multiprocessing stops daemon workers still alive at interpreter exit
-    with SIGTERM and waits for them; such a worker ends within the grace. (Lightning stops its loaders'
-    workers before that, on a SIGTERM stop too: torchrun's SIGTERM to exit takes ~4 s in the torchrun test.)
-    Not told apart by sender: a Python handler does not see it, and a thread taking SIGTERM with
-    sigwaitinfo misses it where torch's threads, started before this runs, leave it unblocked."""
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, end_after_grace)
+    is killed). Except at the training process's exit: multiprocessing stops the workers still alive then
+    with SIGTERM and waits for them, so the training process sets `exiting` first (an atexit hook, which
+    runs before multiprocessing's own) and a worker that sees it ends at once. (A Python handler does not
+    see who sent a signal.)
 
+    Build it in the training process, with the loader's start method: `exiting` travels to the workers
+    with the worker_init_fn."""
 
-def end_after_grace(signum: int, frame: object) -> None:
-    signal.signal(signal.SIGALRM, signal.SIG_DFL)  # SIGALRM's default action ends the process
-    earlier = signal.alarm(SIGTERM_GRACE_S)
-    if earlier:  # a second SIGTERM does not extend the grace of the first
-        signal.alarm(earlier)
+    def __init__(self, multiprocessing_context: str | None = None) -> None:
+        self.exiting = multiprocessing.get_context(multiprocessing_context).Event()
+        atexit.register(self.exiting.set)
+
+    def __call__(self, worker_id: int = 0) -> None:
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, self.on_sigterm)
+
+    def on_sigterm(self, signum: int, frame: object) -> None:
+        if self.exiting.is_set():
+            os._exit(0)
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)  # SIGALRM's default action ends the process
+        earlier = signal.alarm(SIGTERM_GRACE_S)
+        if earlier:  # a second SIGTERM does not extend the grace of the first
+            signal.alarm(earlier)
