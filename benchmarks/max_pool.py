@@ -11,6 +11,7 @@ import argparse  # a benchmark script, not part of the CLI
 import copy
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 from timm.layers.pool2d_same import MaxPool2dSame as PadThenPool
@@ -21,15 +22,20 @@ from xception_pl.model import MaxPool2dSame
 SHAPES = ((128, 147), (256, 74), (728, 37), (1024, 19))  # (channels, side) entering each stride-2 module at 299
 
 
-def time_ms(pool: torch.nn.Module, x: torch.Tensor) -> float:
-    if x.is_cuda:
+def time_ms(run: Callable[[], object], cuda: bool) -> float:
+    """Wall time of run() in ms, the device synchronised before and after."""
+    if cuda:
         torch.cuda.synchronize()
     start = time.perf_counter()
-    x.grad = None
-    pool(x).sum().backward()
-    if x.is_cuda:
+    run()
+    if cuda:
         torch.cuda.synchronize()
     return (time.perf_counter() - start) * 1e3
+
+
+def forward_backward(pool: torch.nn.Module, x: torch.Tensor) -> None:
+    x.grad = None
+    pool(x).sum().backward()
 
 
 def main() -> None:
@@ -47,9 +53,10 @@ def main() -> None:
         x = torch.randn(args.batch, channels, side, side, device=args.device, dtype=getattr(torch, args.dtype))
         x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
         pools = PadThenPool(3, 2), MaxPool2dSame(3, 2)
-        [time_ms(pool, x) for pool in pools]  # warm-up
+        [forward_backward(pool, x) for pool in pools]  # warm-up
         # interleaved, so that load from elsewhere on the machine falls on both
-        pairs = [[time_ms(pool, x) for pool in pools] for _ in range(args.repeats)]
+        pairs = [[time_ms(lambda: forward_backward(pool, x), x.is_cuda) for pool in pools]
+                 for _ in range(args.repeats)]
         baseline, ours = (statistics.median(column) for column in zip(*pairs))
         totals = [totals[0] + baseline, totals[1] + ours]
         print(f"| {channels}x{side}x{side} | {baseline:.2f} | {ours:.2f} | {ours / baseline:.2f} |")
@@ -65,20 +72,11 @@ def main() -> None:
     images = images.contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         torch.testing.assert_close(ours(images), baseline(images), rtol=0, atol=0)  # also the warm-up
-        pairs = [[forward_ms(network, images) for network in (baseline, ours)] for _ in range(args.network_repeats)]
+        pairs = [[time_ms(lambda: network(images), images.is_cuda) for network in (baseline, ours)]
+                 for _ in range(args.network_repeats)]
     baseline_ms, ours_ms = (statistics.median(column) for column in zip(*pairs))
     print(f"| whole network, inference forward (median of {args.network_repeats}) | {baseline_ms:.1f} | "
           f"{ours_ms:.1f} | {ours_ms / baseline_ms:.2f} |")
-
-
-def forward_ms(network: torch.nn.Module, images: torch.Tensor) -> float:
-    if images.is_cuda:
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    network(images)
-    if images.is_cuda:
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) * 1e3
 
 
 if __name__ == "__main__":
