@@ -64,6 +64,20 @@ class PolyakAveraging(WeightAveraging):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         pass  # updated after optimizer steps only
 
+    # Lightning swaps the average in for validation only; a Trainer that fits and then tests or predicts (the
+    # Python API) would evaluate the raw weights there. A fresh test or predict run has no average (nothing swaps).
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.on_validation_epoch_start(trainer, pl_module)
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.on_validation_epoch_end(trainer, pl_module)
+
+    def on_predict_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.on_validation_epoch_start(trainer, pl_module)
+
+    def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.on_validation_epoch_end(trainer, pl_module)
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Lightning copies the average into the model here, before the final last.ckpt is written, which
         # then loses the raw weights (a run extended from it would go on from the average): not here.

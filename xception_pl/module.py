@@ -18,6 +18,7 @@ from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from xception_pl.callbacks import logs_this_step
+from xception_pl.distributed import broadcast_buffers, stop_buffer_broadcast
 from xception_pl.guard import BatchNormState, found_nonfinite, poison, skips_on_device, zero_momentum_buffers
 from xception_pl.metrics import MeanAveragePrecisionAtK, TopLabelAccuracy
 from xception_pl.model import Xception
@@ -234,6 +235,9 @@ class XceptionModule(L.LightningModule):
         self.counts[f"data_skipped_{stage}"].zero_()
 
     def evaluation_step(self, batch: Batch, stage: str) -> None:
+        if not len(batch["image"]):  # only the skips after this rank's last batch (data/pipeline.py carry_skips)
+            self.counts[f"data_skipped_{stage}"] += batch["skipped"].sum()
+            return
         logits, loss = self.shared_step(batch, stage)
         # Metric objects accumulate locally and sync once, at epoch end (on_*_epoch_end): ranks may see
         # different numbers of batches, or none (each evaluation sample exactly once), so nothing syncs here.
@@ -248,11 +252,17 @@ class XceptionModule(L.LightningModule):
         self.metrics[stage].reset()
         self.log_data_skipped(stage)
 
+    def on_validation_epoch_start(self) -> None:
+        broadcast_buffers(self.network)  # every rank evaluates rank 0's weights, with or without data (distributed.py)
+
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         self.evaluation_step(batch, "val")
 
     def on_validation_epoch_end(self) -> None:
         self.log_evaluation("val")
+
+    def on_test_epoch_start(self) -> None:
+        broadcast_buffers(self.network)
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:
         self.evaluation_step(batch, "test")
@@ -297,6 +307,9 @@ class XceptionModule(L.LightningModule):
             torch.manual_seed(int(os.environ.get("PL_GLOBAL_SEED", 0)) + self.trainer.global_rank)
         if stage == "fit" and self.hparams.pretrained:  # a resumed fit then loads its checkpoint over these
             load_pretrained(self.network, self.hparams.pretrained)
+
+    def on_fit_start(self) -> None:
+        stop_buffer_broadcast(self.trainer.strategy.model)  # no collective inside an evaluation step (distributed.py)
 
     def on_train_start(self) -> None:
         self.batchnorm_state.save()

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.data_helpers import shards
 from tests.helpers import scalars
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -88,3 +89,53 @@ def test_each_rank_draws_its_own_dropout_masks_and_skip_counts_sum_over_ranks(tm
     assert [r["masks"] for r in again] == [r["masks"] for r in ranks]
     # rank 0 reports 1 skipped sample per batch, rank 1 two: logged once, summed over the ranks
     assert curves["data/skipped"][-1][1] == 2 * (1 + 2)  # 2 steps
+
+
+def uneven_eval(tmp_path: Path, devices: int, val_shards: int, test_shards: int, *, ckpt: Path | None = None,
+                unreadable: bool = False) -> dict[str, dict[str, float]]:
+    """tests/uneven_eval.py on real shards: 12 training images, and the first val_shards / test_shards shards of
+    the same 12 images for evaluation (3 per shard); `unreadable`: the last test shard is cut inside its
+    first image, so the rank that gets it reads nothing."""
+    if not (tmp_path / "train").exists():
+        shards(tmp_path, "train", classes=3, per_class=4, shard_size=3)
+    for name, count in (("val", val_shards), ("test", test_shards)):
+        if not (tmp_path / name).exists():
+            shards(tmp_path, name, classes=3, per_class=4, shard_size=3)
+            keep_first_shards(tmp_path / name, count)
+    if unreadable:
+        last = sorted((tmp_path / "test").glob("*.tar"))[-1]
+        last.write_bytes(last.read_bytes()[:2000])
+    name = f"{devices}-{'eval' if ckpt else 'fit'}"
+    command = [sys.executable, "-m", "tests.uneven_eval", *(f"--{s}={tmp_path / s}" for s in ("train", "val", "test")),
+               f"--devices={devices}", f"--root={tmp_path / name}", f"--out={tmp_path / name}.json"]
+    # A hang (a collective one rank never makes) fails here, not at the suite's timeout.
+    result = subprocess.run([*command, *([f"--ckpt={ckpt}"] if ckpt else [])], cwd=ROOT, capture_output=True,
+                            text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads((tmp_path / f"{name}.json").read_text())
+
+
+def keep_first_shards(directory: Path, count: int) -> None:
+    manifest = json.loads((directory / "manifest.json").read_text())
+    for entry in manifest["shards"][count:]:
+        (directory / entry["name"]).unlink()
+    manifest["shards"] = manifest["shards"][:count]
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("devices, val_shards, test_shards, unreadable", [
+    (2, 1, 2, True),  # rank 1: no validation shard; its only test shard unreadable
+    (3, 2, 2, False),  # rank 2: no shard at all
+], ids=["1-shard-on-2-ranks", "2-shards-on-3-ranks"])
+def test_fit_validate_and_test_with_fewer_shards_than_ranks_finish_and_equal_one_process(
+        tmp_path, devices, val_shards, test_shards, unreadable):
+    ranks = uneven_eval(tmp_path, devices, val_shards, test_shards, unreadable=unreadable)
+    one = uneven_eval(tmp_path, 1, val_shards, test_shards, ckpt=tmp_path / f"{devices}-fit" / "checkpoints" / "last.ckpt")
+    # fit's last validation, validate and test of its checkpoint: on every rank the weights rank 0 saved
+    for got in (ranks["fit"], ranks["validate"]):
+        assert got["val/acc1"] == one["validate"]["val/acc1"]
+        assert got["val/loss"] == pytest.approx(one["validate"]["val/loss"], rel=1e-5)
+    assert ranks["test"]["test/acc1"] == one["test"]["test/acc1"]
+    assert ranks["test"]["test/loss"] == pytest.approx(one["test"]["test/loss"], rel=1e-5)
+    if unreadable:  # counted on the rank that read nothing, as on one process
+        assert ranks["test"]["data/test_skipped"] == one["test"]["data/test_skipped"] >= 1

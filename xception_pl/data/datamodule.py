@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
 
 import lightning as L
@@ -182,7 +183,8 @@ class WebDatasetDataModule(L.LightningDataModule):
         # A worker reads whole shards, so more workers than this rank's shards would sit idle (ours).
         workers = min(self.num_workers, len(rank_shards(urls, self.rank, self.world_size)))
         loader = wds.WebLoader(pipeline, batch_size=None, **self.loader_args(workers))
-        return loader.compose(*self.device_decode(training=False), carry_skips)
+        # val and test count the skips after their last batch (an empty batch); predict has no count to log.
+        return loader.compose(*self.device_decode(training=False), partial(carry_skips, last=name != "predict"))
 
     def device_decode(self, training: bool) -> list[DecodeOnDevice]:
         """decode_device="cuda": the main-process stage that decodes and crops on the device (a batch it

@@ -140,8 +140,10 @@ def flush_skips(batches: Iterator[dict[str, Any]], counter: SkipCounter) -> Iter
                "key": []}
 
 
-def carry_skips(batches: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    """Main-process stage: empty batches never reach the model; their counts go with the next batch."""
+def carry_skips(batches: Iterator[dict[str, Any]], last: bool = False) -> Iterator[dict[str, Any]]:
+    """Main-process stage: empty batches never reach the model; their counts go with the next batch. With
+    `last` (evaluation), counts after the last batch go out on one empty batch, which the module counts
+    without a forward: a rank whose every shard was unreadable still reports its skips."""
     pending = None
     for batch in batches:
         if not batch["key"]:
@@ -150,7 +152,10 @@ def carry_skips(batches: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         if pending is not None:
             batch["skipped"], pending = batch["skipped"] + pending, None
         yield batch
-    if pending is not None:
+    if pending is not None and last:
+        yield {"image": torch.empty(0, 3, 0, 0, dtype=torch.uint8), "target": torch.empty(0), "skipped": pending,
+               "key": []}
+    elif pending is not None:
         log.warning("%d samples skipped after this rank's last batch, so not in the data/*skipped count: %s",
                     int(pending.sum()), dict(zip(SKIP_REASONS, pending.tolist())))
 
