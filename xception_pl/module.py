@@ -27,7 +27,7 @@ from xception_pl.schedules import SampleCounts, SampleScheduleCallable
 from xception_pl.wiring import module_callbacks
 
 log = logging.getLogger(__name__)
-COUNTS = ("nonfinite_losses", "first_nonfinite_step", "first_nonfinite_batch", "skipped_steps",
+COUNTS = ("nonfinite_losses", "first_nonfinite_step", "first_nonfinite_batch", "skipped_steps", "fp16_overflows",
           "data_skipped_train", "data_skipped_val", "data_skipped_test")
 
 NetworkCallable = Callable[[int], nn.Module]  # num_classes -> network
@@ -117,6 +117,7 @@ class XceptionModule(L.LightningModule):
         self.added_callbacks: set[int] = set()  # ids of those module_callbacks gave (no references: deepcopy)
         self.batchnorm_state = BatchNormState(self.network)
         self.step_kept: Tensor | None = None  # 0-dim float on the device: 0.0 if the last step was skipped
+        self.loss_bad: Tensor | None = None  # bool on the device: a micro-batch of this step had a non-finite loss
         # Counters of this run, on the device (moved by _apply): the host reads them on logging steps only.
         self.counts = {name: torch.zeros((), dtype=torch.long) for name in COUNTS}
         self.counts["first_nonfinite_step"] -= 1
@@ -180,6 +181,7 @@ class XceptionModule(L.LightningModule):
         self.counts["first_nonfinite_step"].masked_fill_(first, self.global_step)
         self.counts["first_nonfinite_batch"].masked_fill_(first, batch_idx)
         self.counts["nonfinite_losses"] += bad
+        self.loss_bad = bad if self.loss_bad is None else self.loss_bad | bad
         if logs_this_step(self.trainer):  # the lr of this step (the schedule moves on before the batch ends)
             self.log("train/loss", loss)
             self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
@@ -194,11 +196,18 @@ class XceptionModule(L.LightningModule):
         self.batchnorm_state.restore_where(found)  # the forward of a skipped step updated the statistics
         self.step_kept = (1.0 - found).reshape(())  # read by PolyakAveraging
         self.counts["skipped_steps"] += found.long().reshape(())
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)  # 16-mixed's GradScaler
+        if scaler is not None:  # non-finite gradients from a finite loss: the loss scale overflowed fp16
+            self.counts["fp16_overflows"] += (found.bool() & ~self.loss_bad).long().reshape(())
+        self.loss_bad = None
         if skips_on_device(raw):
             raw.found_inf = found  # GradScaler (16-mixed) sets its own, which includes this one
             optimizer.step(closure=lambda: loss)
             raw.__dict__.pop("found_inf", None)
-        elif not found.item():  # an optimizer that cannot skip on the device: one host read per step
+        elif scaler is not None or not found.item():
+            # Through the GradScaler always: it skips a non-finite step itself and must see it to lower its scale
+            # (else every later step overflows too). Without one, an optimizer that cannot skip on the device
+            # costs one host read per step.
             optimizer.step(closure=lambda: loss)
         self.batchnorm_state.save()
         if self.hparams.nonfinite_loss == "stop" and logs_this_step(self.trainer):
@@ -207,7 +216,10 @@ class XceptionModule(L.LightningModule):
     def on_train_batch_end(self, outputs: Any, batch: Batch, batch_idx: int) -> None:
         if not logs_this_step(self.trainer):
             return  # everything below reads the device or the other ranks: logging steps only
-        self.log("train/skipped_nonfinite", self.counts["skipped_steps"].float())
+        skipped, overflows = self.counts["skipped_steps"], self.counts["fp16_overflows"]
+        self.log("train/skipped_nonfinite", (skipped - overflows).float())  # a non-finite loss (or gradient)
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            self.log("train/fp16_overflow", overflows.float())  # the GradScaler's skipped steps, then lowered
 
     def stop_on_nonfinite_loss(self) -> None:
         """Raised at the first logging step after a NaN/inf loss on any rank (the step itself was skipped on

@@ -3,19 +3,24 @@ checkpoint's raw weights, checkpoints that rebuild their model, the user's callb
 on resume. (A skipped non-finite batch: tests/component/test_nonfinite.py.)"""
 
 import copy
+import math
 
 import lightning as L
 import pytest
+import timm.optim
 import torch
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
 
 from tests.crash import TinyNetwork
-from tests.helpers import Recorder, changed, fp16_on_cpu, fused_sgd, run_config, tiny_data, tiny_module, tiny_trainer
+from tests.helpers import (Recorder, changed, fp16_on_cpu, fused_sgd, run_config, scalars, tiny_data, tiny_module,
+                           tiny_trainer)
 from xception_pl.cli import XceptionCLI, main
 from xception_pl.metrics import MeanAveragePrecisionAtK
 from xception_pl.model import Xception
 from xception_pl.module import XceptionModule
+from xception_pl.optim import RMSpropTF
 from xception_pl.schedules import SampleCounts
 
 
@@ -29,6 +34,29 @@ def test_fp16_mixed_precision_updates_the_weights_and_the_loss_falls(tmp_path):
                     {k: recorder.states["after 0"]["network"][k] for k in weights})
     assert len(moved) == len(weights)  # every parameter tensor moves in one step (it moved none before)
     assert sum(recorder.losses[-4:]) < sum(recorder.losses[:4])
+
+
+@pytest.mark.parametrize("optimizer", [
+    lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9),
+    lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9, fused=True),
+    lambda params: torch.optim.AdamW(params, lr=1e-3),
+    lambda params: timm.optim.RMSpropTF(params, lr=1e-3, alpha=0.9, eps=1.0, momentum=0.9),
+    lambda params: RMSpropTF(params, lr=1e-3, momentum=0.9),
+], ids=["sgd", "fused-sgd", "adamw", "timm-rmsproptf", "rmsproptf"])
+def test_fp16_with_any_optimizer_lowers_an_overflowing_loss_scale_and_then_learns(tmp_path, optimizer):
+    data = tiny_data(train_size=8, num_classes=2, image_size=32)
+    module = tiny_module(data, network=TinyNetwork, ema_decay=None, optimizer=optimizer, lr_scheduler=None)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**30)  # loss x 2^30 overflows fp16 in backward
+    trainer = tiny_trainer(tmp_path, max_epochs=10, limit_val_batches=0,
+                           plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    before = {k: v.clone() for k, v in module.network.named_parameters()}
+    trainer.fit(module, data)
+    halvings = 30 - math.log2(scaler.get_scale())
+    assert halvings >= 10  # halved at each overflow (it never moved before)
+    assert not [k for k, v in module.network.named_parameters() if torch.equal(v, before[k])]  # all learned
+    curves = scalars(tmp_path)
+    assert curves["train/fp16_overflow"][-1][1] == halvings  # one overflowing step per halving
+    assert curves["train/skipped_nonfinite"][-1][1] == 0  # overflows are not non-finite losses
 
 
 def test_bf16_autocast_and_fp32_give_the_same_map100():
