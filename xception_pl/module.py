@@ -24,7 +24,7 @@ from xception_pl.metrics import MeanAveragePrecisionAtK, TopLabelAccuracy
 from xception_pl.model import Xception
 from xception_pl.pretrained import load_pretrained, param_groups, scale_lrs
 from xception_pl.schedules import SampleCounts, SampleScheduleCallable
-from xception_pl.wiring import module_callbacks
+from xception_pl.wiring import attach, module_callbacks
 
 log = logging.getLogger(__name__)
 COUNTS = ("nonfinite_losses", "first_nonfinite_step", "first_nonfinite_batch", "skipped_steps", "fp16_overflows",
@@ -310,7 +310,9 @@ class XceptionModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_callbacks(self) -> list[L.Callback]:
-        return module_callbacks(self, self.trainer.callbacks)  # the CLI has added them already: then none
+        # The CLI has added them already (then none); returned here, they would replace the user's (wiring.py)
+        attach(self.trainer, module_callbacks(self, self.trainer.callbacks))
+        return []
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.trainer.world_size > 1:

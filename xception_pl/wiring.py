@@ -19,7 +19,9 @@
 
 "CLI" is XceptionCLI.instantiate_trainer, through `cli_additions`. `module_callbacks` depend on the model's
 config (and the data's facts in it); the CLI adds them with the rest, and XceptionModule.configure_callbacks
-adds them for a Trainer built in Python (it finds them present under the CLI, and adds none twice).
+adds them for a Trainer built in Python (it finds them present under the CLI, and adds none twice), through
+`attach`: not as configure_callbacks' return value, which would make Lightning drop every trainer callback
+whose type one of ours subclasses (the user's ModelCheckpoint, for our LastCheckpoint).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint, ThroughputMonitor, WeightAveraging
+from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint, ThroughputMonitor, WeightAveraging
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
@@ -89,6 +91,19 @@ def module_callbacks(module: L.LightningModule, given: list[L.Callback]) -> list
             callbacks.append(callback)
     module.added_callbacks |= {id(c) for c in callbacks}
     return callbacks
+
+
+def attach(trainer: L.Trainer, ours: list[L.Callback]) -> None:
+    """Add `ours` to the trainer's callbacks beside the user's, replacing only Lightning's default
+    ModelCheckpoint when ours checkpoint; checkpoints run last (as Lightning orders them), so they save what the
+    other callbacks of the same hook have done."""
+    if not ours:
+        return
+    ours_checkpoint = any(isinstance(c, Checkpoint) for c in ours)
+    kept = [c for c in trainer.callbacks if not (ours_checkpoint and is_lightning_default(c))]
+    every = kept + ours
+    trainer.callbacks = ([c for c in every if not isinstance(c, Checkpoint)]
+                         + [c for c in every if isinstance(c, Checkpoint)])
 
 
 def is_lightning_default(callback: L.Callback) -> bool:

@@ -9,6 +9,7 @@ import lightning as L
 import pytest
 import timm.optim
 import torch
+from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint, ThroughputMonitor
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
@@ -21,6 +22,8 @@ from xception_pl.metrics import MeanAveragePrecisionAtK
 from xception_pl.model import Xception
 from xception_pl.module import XceptionModule
 from xception_pl.optim import RMSpropTF
+from xception_pl.per_class import PerClassMetrics
+from xception_pl.pretrained import FreezeBackbone
 from xception_pl.schedules import SampleCounts
 
 
@@ -136,6 +139,25 @@ def test_a_users_callbacks_win_over_ours(tmp_path, caplog):
     assert "LastCheckpoint" in kinds and "ImagesPerSecond" in kinds  # ours fill in what they did not set
     assert "best-k checkpoints: using ModelCheckpoint" in caplog.text
     assert "Polyak averaging: using EMAWeightAveraging" in caplog.text
+
+
+@pytest.mark.parametrize("save_last", [False, True], ids=["best-k", "best-k-and-last"])
+def test_a_trainer_built_in_python_keeps_each_kind_of_the_users_callbacks(tmp_path, save_last):
+    data = tiny_data(train_size=8, num_classes=3)  # Xception: FreezeBackbone needs its head
+    mine = [ModelCheckpoint(dirpath=tmp_path / "mine", monitor="val/acc1", mode="max", save_last=save_last),
+            ThroughputMonitor(batch_size_fn=lambda batch: len(batch["image"])), EMAWeightAveraging(),
+            PerClassMetrics(output=str(tmp_path / "per_class.json")), FreezeBackbone(samples=4)]
+    trainer = tiny_trainer(tmp_path / "run", callbacks=list(mine))
+    trainer.fit(tiny_module(data, freeze_backbone_samples=4), data)
+    assert all(any(c is m for c in trainer.callbacks) for m in mine)  # every instance of the user's survived
+    kinds = [type(c).__name__ for c in trainer.callbacks]
+    assert not {"ImagesPerSecond", "PolyakAveraging"} & set(kinds) and kinds.count("FreezeBackbone") == 1
+    assert kinds.count("PerClassMetrics") == 1 and kinds.count("ModelCheckpoint") == 1
+    assert ("LastCheckpoint" in kinds) != save_last  # ours writes last.ckpt unless theirs does
+    written = {p.name for p in (tmp_path / "mine").iterdir()}
+    assert "epoch=0-step=2.ckpt" in written and ("last.ckpt" in written) == save_last
+    assert (tmp_path / "per_class.json").exists()
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").exists() != save_last
 
 
 def test_fit_ends_cleanly_with_a_logger_other_than_tensorboard(tmp_path):
