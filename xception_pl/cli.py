@@ -23,6 +23,7 @@ from xception_pl.checkpointing import (UNREADABLE_CHECKPOINT, CheckpointLoadErro
 from xception_pl.console import quiet_lightning
 from xception_pl.facts import DATA_FACTS
 from xception_pl.images import ImageGrids
+from xception_pl.hyperparameters import UNDESCRIBED
 from xception_pl.module import XceptionModule
 from xception_pl.wiring import cli_additions
 
@@ -101,6 +102,9 @@ class XceptionCLI(LightningCLI):
             if key.startswith("_") or key in DATA_FACTS or key not in given:
                 continue  # Lightning's bookkeeping, and facts the data gives
             if plain(given[key]) == plain(defaults.get(key)):
+                if key == "network" and str(value).startswith(UNDESCRIBED):
+                    raise SystemExit(f"error: --ckpt_path {ckpt_path}: its network was built in Python from "
+                                     f"{value[len(UNDESCRIBED):]}, which it cannot describe: give --model.network")
                 taken[key] = value
             elif plain(given[key]) != plain(value):
                 kept.append(f"model.{key}")

@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
-from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from torch import Tensor, nn
 from torch.distributed import ReduceOp
 from torchmetrics import MeanMetric, MetricCollection
@@ -20,6 +19,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from xception_pl.callbacks import logs_this_step
 from xception_pl.distributed import broadcast_buffers, stop_buffer_broadcast
 from xception_pl.guard import BatchNormState, found_nonfinite, poison, skips_on_device, zero_momentum_buffers
+from xception_pl.hyperparameters import UNDESCRIBED, log_hyperparameters, record_factories
 from xception_pl.metrics import MeanAveragePrecisionAtK, TopLabelAccuracy
 from xception_pl.model import Xception
 from xception_pl.pretrained import load_pretrained, param_groups, scale_lrs
@@ -103,9 +103,14 @@ class XceptionModule(L.LightningModule):
             raise ValueError(f"model.ema_decay={ema_decay} must be in (0, 1), or null to turn Polyak averaging off")
         # Under the CLI the hyperparameters are the config, callables included (class_path + init_args), so a
         # checkpoint rebuilds its network, optimizer and schedule: load_from_checkpoint(path) needs no arguments.
-        # Built in Python, the callables are left out (they may be lambdas).
+        # Built in Python, the callables are recorded where they can be written down (hyperparameters.py).
+        if isinstance(network, str) and network.startswith(UNDESCRIBED):
+            raise ValueError(f"this checkpoint's network was built in Python from {network[len(UNDESCRIBED):]}, which "
+                             "it cannot describe: pass the same network again, load_from_checkpoint(path, network=...)")
         by_cli = _given_hyperparameters.get() is not None
         self.save_hyperparameters(ignore=[] if by_cli else ["network", "optimizer", "lr_scheduler"])
+        if not by_cli:
+            record_factories(self.hparams, {"network": network, "optimizer": optimizer, "lr_scheduler": lr_scheduler})
         self.network = network(num_classes)
         self.factories = Shared({"optimizer": optimizer, "lr_scheduler": lr_scheduler})
         if channels_last:
@@ -352,7 +357,7 @@ class XceptionModule(L.LightningModule):
     def on_fit_end(self) -> None:
         if self.logger is not None:  # hparams beside the final validation metrics in TensorBoard's HPARAMS tab
             final = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("val/")}
-            log_hyperparameters(self.logger, self.hparams, final)
+            log_hyperparameters(self.loggers, self.hparams, final)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.hparams.nonfinite_loss == "stop" and self._trainer is not None and self.trainer.training:
@@ -380,32 +385,3 @@ class Shared:
 
     def __deepcopy__(self, memo: dict) -> "Shared":
         return self
-
-
-def log_hyperparameters(logger: Logger, params: Any, final: dict[str, float]) -> None:
-    """The hyperparameters, and in TensorBoard's HPARAMS tab beside the final validation metrics.
-
-    TensorBoardLogger.log_hyperparams(params, metrics) also logs each metric as a scalar at step 0, which
-    TensorBoard then draws as the first point of every val/* curve (at its final value). The HPARAMS tab
-    reads the metrics' values from their own scalar series, so the summary only needs to name them.
-    """
-    logger.log_hyperparams(params)  # hparams.yaml (TensorBoard), or the logger's own record (CSV, W&B, MLflow)
-    if isinstance(logger, TensorBoardLogger) and final:
-        from torch.utils.tensorboard.summary import hparams
-
-        flat = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in flatten(dict(params)).items()}
-        writer = logger.experiment._get_file_writer()
-        if writer is None:  # not rank 0: its experiment is a stand-in without a file
-            return
-        for summary in hparams(flat, final):
-            writer.add_summary(summary)
-
-
-def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in params.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}/"))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat

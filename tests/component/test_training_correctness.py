@@ -3,6 +3,7 @@ checkpoint's raw weights, checkpoints that rebuild their model, the user's callb
 on resume. (A skipped non-finite batch: tests/component/test_nonfinite.py.)"""
 
 import copy
+import functools
 import math
 
 import lightning as L
@@ -122,6 +123,26 @@ def test_a_checkpoint_rebuilds_its_network_optimizer_and_schedule_without_argume
     optimizer = module.optimizer(module.parameters())
     assert type(optimizer) is torch.optim.SGD and optimizer.defaults["lr"] == 0.01
     assert module.lr_scheduler(optimizer, SampleCounts(4)).decay_rate == 0.5
+
+
+def test_a_module_built_in_python_loads_its_own_network_or_refuses(tmp_path):
+    data = tiny_data(num_classes=3)
+    network = functools.partial(Xception, bn_eps=1e-5, pool_padding="symmetric")  # timm's port, not our default
+    module = tiny_module(data, network=network, optimizer=functools.partial(torch.optim.SGD, lr=0.01))
+    tiny_trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(module, data)
+    loaded = XceptionModule.load_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    assert {m.eps for m in loaded.network.modules() if isinstance(m, nn.BatchNorm2d)} == {1e-5}
+    images = torch.randn(2, 3, 71, 71)
+    torch.testing.assert_close(loaded.eval()(images), module.eval()(images))  # the trained network, as trained
+    assert loaded.optimizer(loaded.parameters()).defaults["lr"] == 0.01
+
+    lambda_built = tiny_module(data, network=lambda num_classes: network(num_classes))
+    tiny_trainer(tmp_path / "lambda", max_steps=1, limit_val_batches=0).fit(lambda_built, data)
+    path = tmp_path / "lambda" / "checkpoints" / "last.ckpt"
+    with pytest.raises(ValueError, match="cannot describe: pass the same network again"):
+        XceptionModule.load_from_checkpoint(path)
+    again = XceptionModule.load_from_checkpoint(path, network=network)
+    torch.testing.assert_close(again.eval()(images), lambda_built.eval()(images))
 
 
 def test_a_users_callbacks_win_over_ours(tmp_path, caplog):

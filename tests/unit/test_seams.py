@@ -123,10 +123,10 @@ def test_the_hparams_summary_names_the_final_metrics_and_logs_no_scalar(tmp_path
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
-    from xception_pl.module import log_hyperparameters
+    from xception_pl.hyperparameters import log_hyperparameters
 
     logger = TensorBoardLogger(tmp_path, name="", version="", default_hp_metric=False)
-    log_hyperparameters(logger, {"lr": 0.1, "optimizer": {"class_path": "torch.optim.SGD"}}, {"val/acc1": 0.5})
+    log_hyperparameters([logger], {"lr": 0.1, "optimizer": {"class_path": "torch.optim.SGD"}}, {"val/acc1": 0.5})
     logger.finalize("success")
     events = EventAccumulator(str(tmp_path))
     events.Reload()
