@@ -188,6 +188,22 @@ def test_fit_ends_cleanly_with_a_logger_other_than_tensorboard(tmp_path):
     assert (tmp_path / "csv" / "version_0" / "hparams.yaml").is_file()
 
 
+def test_the_hparams_summary_reaches_tensorboard_when_it_is_not_the_first_logger(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+
+    data = tiny_data(image_size=32)
+    loggers = [CSVLogger(tmp_path, name="csv"), L.pytorch.loggers.TensorBoardLogger(tmp_path, name="tb", version="",
+                                                                                 default_hp_metric=False)]
+    tiny_trainer(tmp_path, logger=loggers).fit(tiny_module(data, network=TinyNetwork), data)
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    summary = events.PluginTagToContent("hparams")["_hparams_/experiment"]
+    experiment = HParamsPluginData.FromString(summary).experiment  # the HPARAMS tab, beside the final val/*
+    assert {m.name.tag for m in experiment.metric_infos} == {"val/loss", "val/acc1", "val/acc5"}
+    assert (tmp_path / "csv" / "version_0" / "hparams.yaml").is_file()
+
+
 def test_on_resume_the_configs_optimizer_and_schedule_win_and_the_change_is_said(tmp_path, capsys, caplog):
     run = tmp_path / "run"
     main(["fit", "--config", str(run_config(tmp_path / "c.yaml", run)), "--trainer.max_steps", "2"])
