@@ -37,6 +37,13 @@ class PolyakAveraging(WeightAveraging):
         self.samples = 0  # averaged in so far, over all ranks
         self.updated_step = 0  # trainer.global_step of the last update
 
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # The average starts from the weights the fit starts from. Lightning copies the module in `setup`, before
+        # the module's own setup loads pretrained weights (fine-tuning): the sanity check and the first steps
+        # would average in the random initialisation. A resumed fit has its average from the checkpoint.
+        if self._average_model is not None and trainer.ckpt_path is None:
+            torch._foreach_copy_(self.tensors(self._average_model.module), self.tensors(pl_module))
+
     def step_decay(self, global_batch: int) -> float:
         t = self.samples / self.reference_batch
         return min(self.decay, (1.0 + t) / (10.0 + t)) ** (global_batch / self.reference_batch)

@@ -10,6 +10,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import Tensor, nn
 from torch.distributed import ReduceOp
@@ -29,6 +30,7 @@ from xception_pl.wiring import attach, module_callbacks
 log = logging.getLogger(__name__)
 COUNTS = ("nonfinite_losses", "first_nonfinite_step", "first_nonfinite_batch", "skipped_steps", "fp16_overflows",
           "data_skipped_train", "data_skipped_val", "data_skipped_test")
+RESUMED_COUNTS = ("skipped_steps", "fp16_overflows", "data_skipped_train")  # totals a checkpoint keeps
 
 NetworkCallable = Callable[[int], nn.Module]  # num_classes -> network
 Batch = dict[str, Any]  # {"image": [B,3,H,W] in [-1, 1], "target": [B] or [B, C] multi-hot, "skipped", "key"}
@@ -127,6 +129,9 @@ class XceptionModule(L.LightningModule):
         self.counts = {name: torch.zeros((), dtype=torch.long) for name in COUNTS}
         self.counts["first_nonfinite_step"] -= 1
         self.counts["first_nonfinite_batch"] -= 1
+        # The totals of the runs before this one (from the checkpoint), added when logged: a requeued run goes on
+        # counting. (Not added to `counts`: the schedule keeps its own count of the samples skipped before.)
+        self.counts_before = dict.fromkeys(RESUMED_COUNTS, 0)
 
     def build_metrics(self, stage: str) -> MetricCollection:
         """val/acc1 (+ val/acc5) for single-label (Table 1); val/map100 and val/acc1 (top label is a
@@ -221,7 +226,8 @@ class XceptionModule(L.LightningModule):
     def on_train_batch_end(self, outputs: Any, batch: Batch, batch_idx: int) -> None:
         if not logs_this_step(self.trainer):
             return  # everything below reads the device or the other ranks: logging steps only
-        skipped, overflows = self.counts["skipped_steps"], self.counts["fp16_overflows"]
+        skipped = self.counts["skipped_steps"] + self.counts_before["skipped_steps"]
+        overflows = self.counts["fp16_overflows"] + self.counts_before["fp16_overflows"]
         self.log("train/skipped_nonfinite", (skipped - overflows).float())  # a non-finite loss (or gradient)
         if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
             self.log("train/fp16_overflow", overflows.float())  # the GradScaler's skipped steps, then lowered
@@ -247,8 +253,14 @@ class XceptionModule(L.LightningModule):
         self.log_data_skipped("train")
 
     def log_data_skipped(self, stage: str) -> None:
-        key = "data/skipped" if stage == "train" else f"data/{stage}_skipped"
-        self.log(key, self.counts[f"data_skipped_{stage}"].float(), reduce_fx="sum", sync_dist=True)  # all ranks, once
+        """data/skipped: training samples skipped so far in the run (requeues included); data/val_skipped and
+        data/test_skipped: in this evaluation."""
+        if stage == "train":  # the total before this run rides on rank 0's count (the others are summed in)
+            before = self.counts_before["data_skipped_train"] if self.global_rank == 0 else 0
+            self.log("data/skipped", (self.counts["data_skipped_train"] + before).float(), reduce_fx="sum",
+                     sync_dist=True)  # all ranks, once
+            return
+        self.log(f"data/{stage}_skipped", self.counts[f"data_skipped_{stage}"].float(), reduce_fx="sum", sync_dist=True)
         self.counts[f"data_skipped_{stage}"].zero_()
 
     def evaluation_step(self, batch: Batch, stage: str) -> None:
@@ -364,8 +376,22 @@ class XceptionModule(L.LightningModule):
             self.stop_on_nonfinite_loss()  # no checkpoint after a non-finite loss (every rank dumps: collective ok)
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         checkpoint["class_names"] = getattr(datamodule, "class_names", None)
+        if self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
+            checkpoint["counts"] = self.run_totals()
+
+    def run_totals(self) -> dict[str, int]:
+        """RESUMED_COUNTS over the whole run: skipped steps and fp16 overflows are the same on every rank (they
+        follow the all-reduced gradients), skipped samples are summed over the ranks (every rank dumps a
+        checkpoint in fit, so the collective is met)."""
+        totals = {name: self.counts[name] + self.counts_before[name] for name in RESUMED_COUNTS}
+        data = self.counts["data_skipped_train"].float()
+        if self.trainer.world_size > 1:
+            data = self.trainer.strategy.reduce(data, reduce_op="sum")
+        totals["data_skipped_train"] = data + self.counts_before["data_skipped_train"]
+        return {name: int(total) for name, total in totals.items()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.counts_before.update(checkpoint.get("counts", {}))
         saved = checkpoint.get("hyper_parameters", {})
         for key in ("num_classes", "multilabel"):
             if key in saved and saved[key] != self.hparams[key]:

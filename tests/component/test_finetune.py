@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from tests.data_helpers import shards
+from tests.helpers import tiny_data, tiny_module, tiny_trainer
 from xception_pl.__main__ import main
 from xception_pl.data import make_demo_data
 from xception_pl.module import XceptionModule
@@ -141,3 +142,25 @@ def test_backbone_is_frozen_for_its_samples_then_trains(tmp_path):
         assert not torch.equal(frozen["head.fc.weight"], start["head.fc.weight"])
     assert not torch.equal(snapshots[2]["entry_flow.0.conv.weight"], start["entry_flow.0.conv.weight"])
     assert not torch.equal(snapshots[2]["entry_flow.0.bn.running_mean"], start["entry_flow.0.bn.running_mean"])
+
+
+class AverageAtStart(L.Callback):
+    """The Polyak copy and the module's weights when training starts (after the sanity check)."""
+
+    def on_train_start(self, trainer, pl_module):
+        [ema] = [c for c in trainer.callbacks if type(c).__name__ == "PolyakAveraging"]
+        self.average = {k: v.clone() for k, v in ema._average_model.module.network.state_dict().items()}
+        self.network = {k: v.clone() for k, v in pl_module.network.state_dict().items()}
+
+
+def test_the_polyak_copy_starts_from_the_pretrained_weights(tmp_path, timm_file):
+    data = tiny_data(num_classes=3)
+    probe = AverageAtStart()
+    trainer = tiny_trainer(tmp_path, max_steps=1, num_sanity_val_steps=1, callbacks=[probe])
+    trainer.fit(tiny_module(data, pretrained=str(timm_file)), data)
+    timm_state = torch.load(timm_file, weights_only=True)
+    backbone = {timm_to_ours(k): v for k, v in timm_state.items() if not k.startswith("fc.")}
+    for key, value in backbone.items():
+        assert torch.equal(probe.network[key], value), key  # loaded
+        assert torch.equal(probe.average[key], value), key  # and averaged from there (the sanity check scored it)
+    assert torch.equal(probe.average["head.fc.weight"], probe.network["head.fc.weight"])  # the new head too

@@ -12,6 +12,7 @@ from xception_pl.schedules import SampleStepDecay
 
 
 def test_multilabel_fit_raises_map100_above_its_initial_value(tmp_path):
+    torch.manual_seed(0)  # the same initial weights whatever ran before in this process
     data = DemoDataModule(root=str(tmp_path / "demo"), num_classes=4, multilabel=True, train_images_per_class=12,
                           val_images_per_class=6, source_size=80, image_size=71, eval_resize=75, batch_size=8,
                           num_workers=0)

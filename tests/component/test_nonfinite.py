@@ -115,3 +115,28 @@ def test_a_skipped_batch_leaves_no_trace(tmp_path, optimizer):
     scheduler = trainer.lr_scheduler_configs[0].scheduler
     assert scheduler.samples_seen - scheduler.state_dict()["samples_skipped"] == 3 * 4
 
+
+
+class PoisonAndSkip(L.Callback):
+    """An inf pixel in the batches of global steps `poison`; every batch reports one sample its workers skipped."""
+
+    def __init__(self, poison: set[int]) -> None:
+        self.poison = poison
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        batch["skipped"] = torch.ones(1, dtype=torch.long)
+        if trainer.global_step in self.poison:
+            batch["image"][0, 0, 0, 0] = float("inf")
+
+
+def test_the_skip_counts_go_on_after_a_resume(tmp_path):
+    from tests.helpers import scalars
+
+    data = tiny_data(image_size=32)  # 4 batches an epoch
+    module = lambda: tiny_module(data, network=TinyNetwork, ema_decay=None, nonfinite_loss="skip")  # noqa: E731
+    tiny_trainer(tmp_path, max_steps=2, limit_val_batches=0, callbacks=[PoisonAndSkip({1})]).fit(module(), data)
+    resumed = tiny_trainer(tmp_path, max_epochs=2, limit_val_batches=0, callbacks=[PoisonAndSkip(set())])
+    resumed.fit(module(), data, ckpt_path=tmp_path / "checkpoints" / "last.ckpt")
+    curves = scalars(tmp_path)
+    assert [v for step, v in curves["train/skipped_nonfinite"] if step >= 2] == [1.0] * 4  # step 1's, kept
+    assert [v for step, v in curves["data/skipped"]] == [2.0, 6.0]  # so far in the run: 2 batches, then 4 more
