@@ -153,6 +153,9 @@ class MeanAveragePrecisionAtK(Metric):
             raise ValueError(f"mode must be 'per_class' or 'per_image', got {mode!r}.")
         self.num_classes, self.k, self.mode = num_classes, k, mode
         self.register_buffer("class_weights", load_class_weights(class_weights, num_classes), persistent=False)
+        # NaN scores cannot be ranked. Counted here and raised in compute, after the sync, so every rank makes the
+        # same decision (raised in update, one rank would stop while the others wait in the sync).
+        self.add_state("nan_images", torch.zeros((), dtype=torch.int64), dist_reduce_fx="sum")
         if mode == "per_class":
             empty = torch.full((num_classes, k), _EMPTY_KEY, dtype=torch.int64)
             self.add_state("top_k_keys", empty, dist_reduce_fx=merge_top_k)  # [C, K], unsorted
@@ -168,8 +171,7 @@ class MeanAveragePrecisionAtK(Metric):
                 f"expected preds and target of shape [N, {self.num_classes}], "
                 f"got {tuple(preds.shape)} and {tuple(target.shape)}."
             )
-        if torch.isnan(preds).any():
-            raise ValueError("preds contains NaN: scores must be comparable to rank them.")
+        self.nan_images += torch.isnan(preds).any(1).sum()
         if target.dtype != torch.bool and not ((target == 0) | (target == 1)).all():
             raise ValueError("target must be multi-hot: every entry 0 or 1.")
         relevant = target.bool()
@@ -196,6 +198,9 @@ class MeanAveragePrecisionAtK(Metric):
         self.num_images += counted.sum()
 
     def compute(self) -> Tensor:
+        if self.nan_images > 0:  # the same on every rank: states are synced before compute
+            raise ValueError(f"{int(self.nan_images)} images have NaN scores: scores must be comparable to rank them "
+                             "(non-finite weights or inputs; check the last checkpoint and the data).")
         if self.mode == "per_image":
             if self.num_images == 0:
                 rank_zero_warn("MeanAveragePrecisionAtK: no image with a (weighted) positive label; returning 0.")

@@ -165,8 +165,9 @@ def test_update_rejects_bad_inputs():
         metric.update(torch.rand(2, 4), torch.zeros(2, 4))
     with pytest.raises(ValueError, match="multi-hot"):
         metric.update(torch.rand(2, 3), torch.full((2, 3), 2))
-    with pytest.raises(ValueError, match="NaN"):
-        metric.update(torch.tensor([[float("nan"), 0.0, 0.0]]), torch.zeros(1, 3))
+    metric.update(torch.tensor([[float("nan"), 0.0, 0.0]]), torch.zeros(1, 3))  # said at compute, on every rank
+    with pytest.raises(ValueError, match="1 images have NaN scores"):
+        metric.compute()
 
 
 # --- DDP: 2 gloo processes with uneven shards must give the 1-process value ------------------------------
@@ -202,6 +203,12 @@ def ddp_worker(rank, port, out_dir):
     if rank == 1:
         lonely.update(preds, target)
     results["per_class_empty_rank"] = lonely.compute()
+    nan_on_one_rank = MeanAveragePrecisionAtK(9, k=4)  # every rank reaches the same decision, none waits
+    nan_on_one_rank.update(preds[shard] * (float("nan") if rank == 1 else 1.0), target[shard])
+    try:
+        nan_on_one_rank.compute()
+    except ValueError as error:
+        results["nan_error"] = str(error)
     torch.save(results, f"{out_dir}/rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -218,6 +225,7 @@ def test_ddp_two_processes_with_uneven_shards_equal_one_process(tmp_path):
     expected["per_class_empty_rank"] = expected["per_class_False"]
     for rank in range(2):
         results = torch.load(tmp_path / f"rank{rank}.pt")
+        assert results.pop("nan_error").startswith("12 images have NaN scores")  # rank 1's 12 images, on both
         for name, value in expected.items():
             if name.startswith("per_class"):
                 assert torch.equal(results[name], value), name  # the top-K merge is exact
