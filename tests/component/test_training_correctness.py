@@ -4,21 +4,24 @@ on resume. (A skipped non-finite batch: tests/component/test_nonfinite.py.)"""
 
 import copy
 import functools
+import importlib
 import math
 
 import lightning as L
 import pytest
 import timm.optim
 import torch
+import yaml
 from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint, ThroughputMonitor
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
 
 from tests.crash import TinyNetwork
-from tests.helpers import (Recorder, changed, fp16_on_cpu, fused_sgd, run_config, scalars, tiny_data, tiny_module,
+from tests.helpers import (ROOT, Recorder, changed, fp16_on_cpu, fused_sgd, run_config, scalars, tiny_data, tiny_module,
                            tiny_trainer)
 from xception_pl.cli import XceptionCLI, main
+from xception_pl.guard import skips_on_device
 from xception_pl.metrics import MeanAveragePrecisionAtK
 from xception_pl.model import Xception
 from xception_pl.module import XceptionModule
@@ -61,6 +64,15 @@ def test_fp16_with_any_optimizer_lowers_an_overflowing_loss_scale_and_then_learn
     curves = scalars(tmp_path)
     assert curves["train/fp16_overflow"][-1][1] == halvings  # one overflowing step per halving
     assert curves["train/skipped_nonfinite"][-1][1] == 0  # overflows are not non-finite losses
+
+
+@pytest.mark.parametrize("config", ["imagenet", "jft", "finetune", "smoke"])
+def test_every_recipes_optimizer_skips_a_non_finite_step_on_the_device(config):
+    """Else every step waits for the host to check the gradients (module.optimizer_step)."""
+    spec = yaml.safe_load((ROOT / "configs" / f"{config}.yaml").read_text())["model"]["optimizer"]
+    module, _, name = spec["class_path"].rpartition(".")
+    optimizer = getattr(importlib.import_module(module), name)([nn.Parameter(torch.zeros(2))], **spec["init_args"])
+    assert skips_on_device(optimizer)
 
 
 def test_bf16_autocast_and_fp32_give_the_same_map100():
