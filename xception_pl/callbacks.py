@@ -1,4 +1,4 @@
-"""Callbacks of a run: images/s, the prediction writer; and the one test of a logging step."""
+"""Callbacks of a run: images/s, the final validation, the prediction writer; and the one test of a logging step."""
 
 from __future__ import annotations
 
@@ -17,6 +17,24 @@ def logs_this_step(trainer: L.Trainer) -> bool:
     the host may read the device or talk to the other ranks). Lightning internal, see README "Seams"."""
     return trainer._logger_connector.should_update_logs
 
+
+
+class ValidateAtEnd(L.Callback):
+    """A fit ends with a validation, also when its validation interval does not divide its length (JFT validates
+    every 20,000 batches: a run would never score its last interval, nor leave a best-k checkpoint of it).
+
+    On the run's last training batch this sets `trainer.should_stop`, on which Lightning's epoch loop validates
+    (its early-stopping rule: "allow validation if requesting to stop early") and then ends the fit, as it was
+    about to; a batch that validates by its interval validates once.
+    """
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        steps_done = trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps
+        epochs_done = (trainer.max_epochs is not None and trainer.max_epochs != -1
+                       and trainer.current_epoch + 1 >= trainer.max_epochs and batch_idx + 1 >= trainer.num_training_batches)
+        if steps_done or epochs_done:
+            trainer.should_stop = True
 
 
 class ImagesPerSecond(L.Callback):

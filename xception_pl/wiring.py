@@ -6,6 +6,7 @@
     best-k checkpoints           ModelCheckpoint on model.main_metric    module_callbacks; a ModelCheckpoint
     last.ckpt, the newest state  LastCheckpoint (checkpointing.py)       module_callbacks; save_last=True
     images/s                     ImagesPerSecond (callbacks.py)          module_callbacks; a ThroughputMonitor
+    final validation             ValidateAtEnd (callbacks.py)            module_callbacks; a ValidateAtEnd
     per-class results            PerClassMetrics (per_class.py)          module_callbacks; a PerClassMetrics
     Polyak averaging             PolyakAveraging (ema.py)                module_callbacks if model.ema_decay;
                                                                          a WeightAveraging
@@ -34,7 +35,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
-from xception_pl.callbacks import ImagesPerSecond
+from xception_pl.callbacks import ImagesPerSecond, ValidateAtEnd
 from xception_pl.checkpointing import AtomicCheckpointIO, LastCheckpoint
 from xception_pl.console import RunSummary
 from xception_pl.ema import PolyakAveraging
@@ -74,6 +75,7 @@ def module_callbacks(module: L.LightningModule, given: list[L.Callback]) -> list
         "last.ckpt": (LastCheckpoint(every_n_train_steps=hp.checkpoint_every_n_steps),
                       lambda c: isinstance(c, LastCheckpoint) or getattr(c, "save_last", None)),
         "images/s": (ImagesPerSecond(), lambda c: isinstance(c, (ImagesPerSecond, ThroughputMonitor))),
+        "final validation": (ValidateAtEnd(), lambda c: isinstance(c, ValidateAtEnd)),
         "per-class results": (PerClassMetrics(), lambda c: isinstance(c, PerClassMetrics)),
     }
     if hp.ema_decay is not None:

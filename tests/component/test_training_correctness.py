@@ -280,6 +280,24 @@ def test_every_val_point_in_tensorboard_is_at_a_step_where_validation_ran(tmp_pa
     assert (tmp_path / "hparams.yaml").is_file()
 
 
+@pytest.mark.parametrize("stop, validated", [
+    ({"max_steps": 5, "max_epochs": 2}, [3, 5]),  # JFT's case: the interval (3 batches) does not divide the run
+    ({"max_epochs": 1}, [3, 4]),  # 4 batches an epoch
+    ({"max_steps": 3}, [3]),  # the last step validated by its interval: once
+], ids=["max_steps", "max_epochs", "on_the_interval"])
+def test_a_fit_ends_with_a_validation_of_its_last_step(tmp_path, stop, validated):
+    data, steps = tiny_data(image_size=32), []
+
+    class Steps(L.Callback):
+        def on_validation_epoch_end(self, trainer, pl_module):
+            steps.append(trainer.global_step)
+
+    trainer = tiny_trainer(tmp_path, val_check_interval=3, check_val_every_n_epoch=None, callbacks=[Steps()], **stop)
+    trainer.fit(tiny_module(data, network=TinyNetwork), data)
+    assert steps == validated
+    assert [p for p in (tmp_path / "checkpoints").glob(f"epoch=*-step={validated[-1]}-*")]  # the last one competed
+
+
 def test_the_jft_recipe_runs_unchanged_on_a_small_multilabel_set(tmp_path):
     # val_check_interval 20000 counts optimizer steps across epochs (check_val_every_n_epoch: null), so a data
     # set with fewer batches per epoch is no error
