@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.helpers import free_port
@@ -91,3 +92,42 @@ def running(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return state not in ("Z", "X")  # a zombie has exited and waits for its new parent to reap it
+
+
+def resumable_fit(tmp_path: Path, devices: int, *extra: str) -> subprocess.CompletedProcess:
+    """One epoch of 64 demo images (batch 2 per rank) into tmp_path/run, on 1 process or 2 under torchrun;
+    last.ckpt every 4 steps, so a kill leaves a position in the middle of the epoch."""
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
+    command = [sys.executable, *(launcher if devices > 1 else []), "-m", "xception_pl", "fit",
+               "--config", "configs/smoke.yaml", "--data.init_args.root", str(tmp_path / "demo"),
+               "--data.init_args.num_classes", "4", "--data.init_args.train_images_per_class", "16",
+               "--data.init_args.val_images_per_class", "1", "--data.init_args.source_size", "40",
+               "--data.init_args.image_size", "32", "--data.init_args.eval_resize", "36",
+               "--data.init_args.batch_size", "2", "--data.init_args.num_workers", "1",
+               "--model.network", "tests.crash.TinyNetwork", "--model.checkpoint_every_n_steps", "4",
+               "--trainer.accelerator", "cpu", "--trainer.devices", str(devices),
+               "--trainer.strategy", "ddp" if devices > 1 else "auto", "--trainer.max_epochs", "1",
+               "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
+               "--trainer.default_root_dir", str(tmp_path / "run"), *extra]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 2)], ids=["2-ranks-to-1", "1-rank-to-2"])
+def test_a_mid_epoch_resume_on_another_world_size_keeps_the_epochs_length(tmp_path, before, after):
+    from xception_pl.data import make_demo_data
+
+    make_demo_data(str(tmp_path / "demo"), num_classes=4, train_images_per_class=16, val_images_per_class=1,
+                   source_size=40)  # once, before the ranks start
+    batches_before = 64 // (2 * before)  # batches per rank in the epoch
+    kill = ["--trainer.callbacks+=tests.crash.KillAt", "--trainer.callbacks.hook=train_step",
+            f"--trainer.callbacks.at={batches_before // 2 + 1}"]  # past the last.ckpt of the epoch's middle
+    assert resumable_fit(tmp_path, before, *kill).returncode != 0
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    assert saved == batches_before // 2
+    resumed = resumable_fit(tmp_path, after, "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    final = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    samples = saved * 2 * before + (final["global_step"] - saved) * 2 * after
+    assert abs(samples - 64) < 2 * after  # one epoch: on 2 ranks the rest was skipped, on 1 it was 1.25 epochs
+    assert final["DemoDataModule"]["epoch"] == 1 and final["DemoDataModule"]["batch"] == 0  # the epoch ended

@@ -167,6 +167,9 @@ class WebDatasetDataModule(L.LightningDataModule):
         return args
 
     def train_dataloader(self) -> EpochLoader:
+        if self.position.batch_shift and self.trainer is not None:  # Lightning's loops are restored by now
+            shift_batch_progress(self.trainer, self.position.batch_shift)
+            self.position.batch_shift = 0
         seeds = EpochSeed(self.position.seed, self.rank)
         shards = self.split("train")
         shuffle_buffer = min(self.shuffle_buffer, shards.size)  # no point holding more than the data set
@@ -219,12 +222,23 @@ class WebDatasetDataModule(L.LightningDataModule):
         if self.trainer is None or self.trainer.state.fn != TrainerFn.FITTING:
             return self.position.state_dict()
         trained = trained_batches(self.trainer.fit_loop.epoch_loop.batch_progress.current)
-        return self.position.state_dict(trained, self.trainer.num_training_batches)
+        return self.position.state_dict(trained, self.trainer.num_training_batches, self.batch_size * self.world_size)
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        self.position.load_state_dict(state_dict)
+        # In samples: a resume on another world size goes on at the same sample of the epoch (setup has run).
+        fitting = self.trainer is not None and "train" in self.shards
+        self.position.load_state_dict(state_dict, self.batch_size * self.world_size if fitting else None,
+                                      self.batches_per_rank() if fitting else None)
         # Lightning warns that a loader without its own state_dict replays a resumed epoch; this one does not.
         warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
+
+
+def shift_batch_progress(trainer: L.Trainer, batches: int) -> None:
+    """Move Lightning's restored count of this epoch's batches (README "Seams"): a position converted to another
+    world size is in other batches, and Lightning ends the epoch by its own count."""
+    current = trainer.fit_loop.epoch_loop.batch_progress.current
+    for field in ("ready", "started", "processed", "completed"):
+        setattr(current, field, getattr(current, field) + batches)
 
 
 def trained_batches(progress: _ProcessedTracker) -> int:

@@ -18,6 +18,7 @@ class StreamPosition:
         self.seed, self.epoch, self.batch = seed, 0, 0  # the current pass starts at (epoch, batch)
         self.restored = False  # load_state_dict ran: the next pass starts where the checkpoint left off
         self.started = False
+        self.batch_shift = 0  # see load_state_dict
 
     def next_pass(self, trainer_epoch: int | None) -> tuple[int, int]:
         """(epoch, batch) the next pass starts at: the restored position right after load_state_dict, else
@@ -31,12 +32,26 @@ class StreamPosition:
         self.started = True
         return self.epoch, self.batch
 
-    def state_dict(self, trained: int = 0, epoch_batches: int | None = None) -> dict[str, int]:
-        """The next batch to train, `trained` of the current epoch's `epoch_batches` batches being done."""
+    def state_dict(self, trained: int = 0, epoch_batches: int | None = None, global_batch: int = 0) -> dict[str, int]:
+        """The next batch to train, `trained` of the current epoch's `epoch_batches` batches of `global_batch`
+        samples (all ranks) being done; "samples" and "trained" let a resume on another world size convert."""
         if epoch_batches is not None and trained >= epoch_batches:  # saved at the end of the epoch
-            return {"seed": self.seed, "epoch": self.epoch + 1, "batch": 0}
-        return {"seed": self.seed, "epoch": self.epoch, "batch": trained}
+            return {"seed": self.seed, "epoch": self.epoch + 1, "batch": 0, "samples": 0, "trained": trained}
+        return {"seed": self.seed, "epoch": self.epoch, "batch": trained, "samples": trained * global_batch,
+                "trained": trained}
 
-    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+    def load_state_dict(self, state_dict: dict[str, int], global_batch: int | None = None,
+                        epoch_batches: int | None = None) -> None:
+        """Restore; with the global batch and epoch length of this run, convert a position taken on another world
+        size: the epoch goes on at the same sample (rounded down to a whole global batch), and `batch_shift` is
+        what Lightning's restored batch counters (in batches of the saved run) must move by to agree."""
         self.seed, self.epoch, self.batch = state_dict["seed"], state_dict["epoch"], state_dict.get("batch", 0)
         self.restored = True
+        self.batch_shift = 0
+        if global_batch is None or "samples" not in state_dict:  # without a trainer, or an older checkpoint
+            return
+        if state_dict["batch"] == 0 and state_dict["samples"] == 0 and state_dict["trained"]:  # an epoch's end
+            self.batch_shift = epoch_batches - state_dict["trained"]  # Lightning then sees its epoch whole
+            return
+        self.batch = state_dict["samples"] // global_batch
+        self.batch_shift = self.batch - state_dict["trained"]
