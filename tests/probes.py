@@ -55,3 +55,38 @@ class SignalsNoted(L.Callback):
         [requeue] = [c for c in trainer.callbacks if isinstance(c, RequeueOnSignal)]
         path = self.output.with_name(f"{self.output.stem}.rank{trainer.global_rank}.json")
         path.write_text(json.dumps({"signal": requeue.signal, "pid": os.getpid()}))
+
+
+class HangAt(L.Callback):
+    """Rank `rank` stops dead after global step `step` (a rank stuck where the others wait in a collective); it
+    touches `marker` first. The stop watchdog's timeout becomes `timeout_s`."""
+
+    def __init__(self, marker: str, step: int = 3, rank: int = 1, timeout_s: float = 5.0) -> None:
+        self.marker, self.step, self.rank, self.timeout_s = Path(marker), step, rank, timeout_s
+
+    def on_train_start(self, trainer, pl_module):
+        from xception_pl.slurm import RequeueOnSignal
+
+        [requeue] = [c for c in trainer.callbacks if isinstance(c, RequeueOnSignal)]
+        requeue.watchdog.timeout_s = self.timeout_s
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        import time
+
+        if trainer.global_step == self.step and trainer.global_rank == self.rank:
+            self.marker.touch()
+            time.sleep(3600)
+
+
+class StopCheckEvery(L.Callback):
+    """The ranks agree on a stop signal every `seconds` (RequeueOnSignal.stop_check_s), besides logging steps."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def setup(self, trainer, pl_module, stage):
+        from xception_pl.slurm import RequeueOnSignal
+
+        for callback in trainer.callbacks:
+            if isinstance(callback, RequeueOnSignal):
+                callback.stop_check_s = self.seconds

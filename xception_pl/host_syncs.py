@@ -117,9 +117,11 @@ class HostSyncCounter(L.Callback):
         # optimizer (ours), the batches stepped before a batch are the global step at its start.
         every = trainer.log_every_n_steps
         logs = every > 0 and ((record.pop("_stepped") + 1) % every == 0 or trainer.should_stop)
+        # The stop signal's agreement (slurm.RequeueOnSignal): one small all-reduce every ~STOP_CHECK_S seconds.
+        stop_check = any(getattr(c, "checked_step", None) == trainer.global_step for c in trainer.callbacks)
         record.update(global_step=trainer.global_step, reads=reads, cuda_syncs=cuda_syncs,
                       collectives=sum(self._calls.values()), collective_calls=dict(self._calls),
-                      logs=bool(logs or trainer.fast_dev_run))
+                      logs=bool(logs or trainer.fast_dev_run), stop_check=stop_check)
         self.records.append(record)
 
     # ---- hooks ---------------------------------------------------------------------------------

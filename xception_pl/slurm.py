@@ -16,6 +16,8 @@ import re
 import shutil
 import signal
 import subprocess
+import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -26,6 +28,7 @@ from torch.distributed import ReduceOp
 
 from xception_pl.callbacks import logs_this_step
 from xception_pl.checkpointing import write_atomically
+from xception_pl.stop_watchdog import StopWatchdog
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +38,9 @@ log = logging.getLogger(__name__)
 NOT_SRUN_STEPS = {"batch", "extern", "interactive", "4294967291", "4294967292", "4294967290"}
 INTERACTIVE_JOB_NAMES = ("bash", "interactive")  # Lightning then starts its processes itself, no srun
 RECORDED_PREFIXES = ("SLURM_", "SLURMD_", "SBATCH_", "SRUN_", "NCCL_", "GLOO_", "MASTER_", "CUDA_VISIBLE_DEVICES")
+# Ours: ranks agree on a stop signal at least this often (torchrun and SLURM follow SIGTERM with SIGKILL after 30 s,
+# and the checkpoint must be written before); a check is one small all-reduce and host read.
+STOP_CHECK_S = 5.0
 SRUN_FIX = "srun python -m xception_pl fit ... (as slurm/train_imagenet.sh and slurm/train_jft.sh do)"
 
 _lightning_validate_settings = SLURMEnvironment.validate_settings
@@ -123,9 +129,10 @@ class RequeueOnSignal(L.Callback):
     again, and `--ckpt_path last` resumes it).
 
     The handlers only note the signal. With one process the note is read at every batch end (no device
-    read); with several, the ranks agree on it with one scalar all-reduce on logging steps only
-    (`trainer.log_every_n_steps`, else every 50 steps), so a steady-state step has no collective; the stop
-    comes at most that many steps after the signal. Lightning's own handling stays out of the way: its SIGUSR1
+    read); with several, the ranks agree on it with one small all-reduce on logging steps and, in between,
+    on one step in every ~STOP_CHECK_S seconds, so the stop (and its save) comes within seconds however far
+    the next logging step is: torchrun and SLURM send SIGKILL 30 s after SIGTERM. The other steps make no
+    collective. Lightning's own handling stays out of the way: its SIGUSR1
     handler saves from inside the signal handler, wherever each rank was interrupted, and can deadlock DDP
     (seen on the test cluster; installed here before Lightning's, in `setup`, so Lightning keeps out of
     SIGUSR1), and its SIGTERM handling broadcasts a flag from rank 0 with a host read on every step (replaced
@@ -137,6 +144,10 @@ class RequeueOnSignal(L.Callback):
         self.signal: int | None = None
         self.requeue = False  # SIGUSR1 under srun (not an interactive allocation)
         self.trainer: L.Trainer | None = None
+        self.watchdog: StopWatchdog | None = None
+        self.stop_check_s = STOP_CHECK_S
+        self.next_check, self.last_check = 0, None  # the next global step to agree at; (time, step) of the last
+        self.checked_step: int | None = None  # the global step of the last agreement (HostSyncCounter reads it)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -145,8 +156,12 @@ class RequeueOnSignal(L.Callback):
         self.requeue = started_by_srun(env) and env.get("SLURM_JOB_NAME") not in INTERACTIVE_JOB_NAMES
         self.trainer, self.signal = trainer, None
         signal.signal(signal.SIGUSR1, self.note_signal)
+        if self.watchdog is None and threading.current_thread() is threading.main_thread():
+            self.watchdog = StopWatchdog(trainer.global_rank)  # a stop that never comes is said (stop_watchdog.py)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Steps are timed from here; the first agreement is after the first step, which sets the pace.
+        self.last_check, self.next_check = (time.monotonic(), trainer.global_step), trainer.global_step + 1
         signal.signal(signal.SIGTERM, self.note_signal)
         # Lightning's per-step broadcast of its own SIGTERM flag (a collective and a host read on every step);
         # the flag is never set now that the handler above replaced Lightning's. See README "Seams".
@@ -160,19 +175,36 @@ class RequeueOnSignal(L.Callback):
         self.signal = self.signal or signum
 
     def agreed_signal(self, trainer: L.Trainer, pl_module: L.LightningModule) -> int | None:
+        """The stop signal all ranks agree on, at a step they all check: logging steps, and in between one step
+        in every ~STOP_CHECK_S seconds (rank 0 times the steps and sets the next check for all)."""
         if trainer.world_size == 1:
             return self.signal
-        interval = trainer.log_every_n_steps or 50
-        if not (logs_this_step(trainer) if trainer.log_every_n_steps else trainer.global_step % interval == 0):
+        step = trainer.global_step
+        if not ((trainer.log_every_n_steps and logs_this_step(trainer)) or step >= self.next_check):
             return None
+        now, every = time.monotonic(), 1
+        if self.last_check is not None and step > self.last_check[1]:
+            every = max(1, int(self.stop_check_s * (step - self.last_check[1]) / (now - self.last_check[0])))
         # Agreed with the largest signal number noted on any rank: SIGTERM (15) wins over SIGUSR1 (10).
-        noted = torch.tensor(float(self.signal or 0), device=pl_module.device)
-        return int(trainer.strategy.reduce(noted, reduce_op=ReduceOp.MAX).item()) or None
+        noted = torch.tensor([float(self.signal or 0), float(every if trainer.is_global_zero else 0)],
+                             device=pl_module.device)
+        signum, every = trainer.strategy.reduce(noted, reduce_op=ReduceOp.MAX).tolist()
+        self.last_check, self.next_check, self.checked_step = (now, step), step + int(every), step
+        return int(signum) or None
+
+    def mark(self, phase: str) -> None:
+        if self.watchdog is not None:
+            self.watchdog.mark(phase)
+
+    def on_validation_batch_end(self, *args: object) -> None:
+        self.mark("validation")
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
+        self.mark("training")
         signum = self.agreed_signal(trainer, pl_module)
         if signum is None:
             return
+        self.mark("saving the stop checkpoint")
         root = Path(trainer.default_root_dir)
         numbers = [int(m.group(1)) for p in root.glob("hpc_ckpt_*.ckpt") if (m := re.search(r"_(\d+)\.ckpt$", p.name))]
         path = root / f"hpc_ckpt_{max(numbers, default=0) + 1}.ckpt"
@@ -180,6 +212,7 @@ class RequeueOnSignal(L.Callback):
         # Lightning hands this step's logged values (train/loss ...) to the loggers after this hook; we exit
         # before, so push them now, else TensorBoard would miss the step.
         trainer._logger_connector.update_train_step_metrics()
+        self.mark("exiting after the stop checkpoint")
         name = signal.Signals(signum).name
         requeue = self.requeue and signum == signal.SIGUSR1
         if trainer.is_global_zero:

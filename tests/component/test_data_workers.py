@@ -1,6 +1,6 @@
 """DataLoader workers and stop signals. torchrun signals each rank's whole process group and SLURM every
-process of the step: a worker outlives SIGTERM long enough for the training process to save, then ends;
-at the training process's own exit it ends at once."""
+process of the step: a worker outlives SIGTERM for as long as the training process lives (it saves first), and
+ends with it; at the training process's own exit it ends at once."""
 
 import os
 import signal
@@ -22,40 +22,54 @@ class WorkerPids(IterableDataset):
             yield os.getpid()
 
 
-def test_a_worker_serves_batches_for_the_grace_after_sigterm_then_ends(monkeypatch):
-    monkeypatch.setattr(workers, "SIGTERM_GRACE_S", 2)  # the forked worker inherits it
+def test_a_worker_serves_batches_after_sigterm_for_as_long_as_the_training_process_lives():
     loader = DataLoader(WorkerPids(), batch_size=None, num_workers=1, multiprocessing_context="fork",
                         worker_init_fn=workers.StopSignalsInWorker())
     batches = iter(loader)
     pid = next(batches)
     os.kill(pid, signal.SIGTERM)
+    os.kill(pid, signal.SIGTERM)  # torchrun and SLURM may signal more than once
     sent, served = time.monotonic(), []
-    with pytest.raises(RuntimeError, match="worker .* killed by signal"):  # torch's own report of a dead worker
-        while time.monotonic() - sent < 30:
-            served.append(next(batches))
-            time.sleep(0.05)
-    assert time.monotonic() - sent >= 1.9 and len(served) > 10 and set(served) == {pid}
+    while time.monotonic() - sent < 3:  # the save at an agreed batch end takes what it takes
+        served.append(next(batches))
+        time.sleep(0.05)
+    assert len(served) > 20 and set(served) == {pid}
     del batches
 
 
-def test_a_second_sigterm_does_not_extend_the_grace(monkeypatch):
-    monkeypatch.setattr(workers, "SIGTERM_GRACE_S", 2)
-    pid = os.fork()
-    if pid == 0:  # the worker: the handler as its worker_init_fn installs it, then two SIGTERMs a second apart
-        workers.StopSignalsInWorker()()
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(1)
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(10)
-        os._exit(0)
-    started = time.monotonic()
-    status = os.waitpid(pid, 0)[1]
-    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGALRM
-    assert 1.9 <= time.monotonic() - started < 2.9
+def test_workers_end_with_a_killed_training_process():
+    code = textwrap.dedent("""
+        import time
+        from torch.utils.data import DataLoader
+        from tests.component.test_data_workers import WorkerPids
+        from xception_pl.data.workers import StopSignalsInWorker
+
+        batches = iter(DataLoader(WorkerPids(), batch_size=None, num_workers=1, multiprocessing_context="fork",
+                                  worker_init_fn=StopSignalsInWorker("fork")))
+        print(next(batches), flush=True)
+        time.sleep(300)
+    """)
+    process = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    worker = int(process.stdout.readline())
+    os.kill(worker, signal.SIGTERM)  # ignored while the training process lives
+    process.kill()  # kill -9, as the scheduler does after its grace
+    process.wait(timeout=60)
+    deadline = time.monotonic() + 30  # torch's worker loop checks its parent every 5 s
+    while alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not alive(worker)
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(") ")[1][0] != "Z"  # a zombie has ended
+    except FileNotFoundError:
+        return False
 
 
 def test_workers_still_alive_at_the_training_processs_exit_end_at_once():
-    """multiprocessing stops them with SIGTERM at interpreter exit and waits: not the grace's 30 s."""
+    """multiprocessing stops them with SIGTERM at interpreter exit and waits: they must not ignore that one."""
     code = textwrap.dedent("""
         from torch.utils.data import DataLoader
         from tests.component.test_data_workers import WorkerPids
@@ -69,4 +83,4 @@ def test_workers_still_alive_at_the_training_processs_exit_end_at_once():
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip().isdigit(), result.stderr[-2000:]
-    assert time.monotonic() - started < workers.SIGTERM_GRACE_S / 2
+    assert time.monotonic() - started < 15

@@ -28,7 +28,9 @@ def test_a_steady_state_step_never_waits_for_the_host(tmp_path, recipe, devices,
                "--trainer.strategy", "ddp" if devices > 1 else "auto", "--trainer.max_steps", "9",
                "--trainer.log_every_n_steps", "4", "--trainer.limit_val_batches", "0",
                "--trainer.default_root_dir", str(tmp_path / "run"),  # progress bar on, as shipped
-               "--trainer.callbacks+=xception_pl.host_syncs.HostSyncCounter", f"--trainer.callbacks.output={syncs}"]
+               "--trainer.callbacks+=xception_pl.host_syncs.HostSyncCounter", f"--trainer.callbacks.output={syncs}",
+               # the stop signal's agreement between logging steps (every ~5 s, RequeueOnSignal) out of the way
+               "--trainer.callbacks+=tests.probes.StopCheckEvery", "--trainer.callbacks.seconds=3600"]
     environment = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")} | env
     result = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=500)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -131,3 +131,48 @@ def test_a_mid_epoch_resume_on_another_world_size_keeps_the_epochs_length(tmp_pa
     samples = saved * 2 * before + (final["global_step"] - saved) * 2 * after
     assert abs(samples - 64) < 2 * after  # one epoch: on 2 ranks the rest was skipped, on 1 it was 1.25 epochs
     assert final["DemoDataModule"]["epoch"] == 1 and final["DemoDataModule"]["batch"] == 0  # the epoch ended
+
+
+def test_a_stop_request_to_a_job_hung_in_a_collective_ends_every_rank_with_its_stacks(tmp_path):
+    """Rank 1 stops dead after step 3; rank 0 waits for it in the next gradient all-reduce, in C++, where no
+    Python signal handler runs. SIGTERM to both (as torchrun and SLURM send it): each rank says it is stuck,
+    prints its Python stacks and exits 143 within the watchdog's timeout (5 s here)."""
+    marker = tmp_path / "hung"
+    hang = ["--trainer.callbacks+=tests.probes.HangAt", f"--trainer.callbacks.marker={marker}"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    process = subprocess.Popen(command(tmp_path, *hang, torchrun=False), cwd=ROOT, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    wait_for(marker, process)
+    time.sleep(1)  # rank 0 is in the all-reduce by now
+    sent = time.monotonic()
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        output = process.communicate(timeout=60)[0]
+    finally:
+        os.killpg(process.pid, signal.SIGKILL) if process.poll() is None else None
+    assert process.returncode == 128 + signal.SIGTERM and time.monotonic() - sent < 30, output[-3000:]
+    for rank in (0, 1):
+        assert f"rank {rank}: SIGTERM received, but no progress for 5 s in phase 'training'" in output, output[-3000:]
+    assert output.count("most recent call first") >= 2  # every thread's stack, on both ranks
+    assert "time.sleep" in output or "HangAt" in output or "probes.py" in output  # rank 1's own stack
+
+
+def test_a_stop_saves_within_seconds_when_the_next_logging_step_is_more_than_30_s_away(tmp_path):
+    """Under torchrun, which follows SIGTERM with SIGKILL after 30 s: SIGTERM after step 3 of 1 s steps, logging
+    every 40 steps. The ranks agree on the stop every ~5 s in between (RequeueOnSignal.stop_check_s) and save
+    long before the SIGKILL; the DataLoader workers, signalled too, are still serving."""
+    marker = tmp_path / "step3"
+    slow = ["--trainer.callbacks+=tests.probes.SlowSteps", f"--trainer.callbacks.marker={marker}",
+            "--trainer.callbacks.seconds=1.0", "--trainer.log_every_n_steps=40", "--trainer.max_steps=60",
+            "--data.init_args.train_size=256"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    process = subprocess.Popen(command(tmp_path, *slow), cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    wait_for(marker, process)
+    sent = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=120)[0]
+    assert "SIGTERM: saved" in output and "forcefully exiting via 9" not in output, output[-3000:]
+    assert time.monotonic() - sent < 25
+    [saved] = list((tmp_path / "run").glob("hpc_ckpt_*.ckpt"))
+    assert 3 <= torch.load(saved, weights_only=True)["global_step"] < 40  # not at the next logging step

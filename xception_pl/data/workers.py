@@ -7,23 +7,21 @@ import multiprocessing
 import os
 import signal
 
-# Ours: how long a worker outlives SIGTERM. torchrun (after 30 s by default) and SLURM (KillWait, 30 s by
-# default) follow their SIGTERM with SIGKILL; by then the training process has saved and stopped its workers.
-SIGTERM_GRACE_S = 30
-
-
 class StopSignalsInWorker:
     """A DataLoader worker_init_fn: stop signals are for the training process, which saves at a batch end
     that all ranks agree on, then stops its workers.
 
     SIGUSR1 (the SLURM requeue signal) is ignored: SLURM signals every process of the step, and a worker
     would run a copy of the training process's handler, or die of it. SIGTERM (torchrun signals each
-    rank's whole process group, SLURM every process of the step) ends a worker only SIGTERM_GRACE_S
-    later: one that died at once would crash the fit before it saved (the DataLoader raises when a worker
-    is killed). Except at the training process's exit: multiprocessing stops the workers still alive then
-    with SIGTERM and waits for them, so the training process sets `exiting` first (an atexit hook, which
-    runs before multiprocessing's own) and a worker that sees it ends at once. (A Python handler does not
-    see who sent a signal.)
+    rank's whole process group, SLURM every process of the step) is ignored too while the training process
+    lives: the agreed batch end may be many steps away and the checkpoint large, and a worker that died
+    meanwhile would crash the fit before it saved (the DataLoader raises when a worker dies; a fixed grace
+    cannot know how long the save takes). A worker still ends with its training process: torch's worker loop
+    exits when its parent is gone (a killed job), and the scheduler's SIGKILL ends it with the rest. Except at
+    the training process's own exit: multiprocessing stops the workers still alive then with SIGTERM and waits
+    for them, so the training process sets `exiting` first (an atexit hook, which runs before
+    multiprocessing's own) and a worker that sees it ends at once. (A Python handler does not see who sent a
+    signal.)
 
     Build it in the training process, with the loader's start method: `exiting` travels to the workers
     with the worker_init_fn."""
@@ -39,7 +37,3 @@ class StopSignalsInWorker:
     def on_sigterm(self, signum: int, frame: object) -> None:
         if self.exiting.is_set():
             os._exit(0)
-        signal.signal(signal.SIGALRM, signal.SIG_DFL)  # SIGALRM's default action ends the process
-        earlier = signal.alarm(SIGTERM_GRACE_S)
-        if earlier:  # a second SIGTERM does not extend the grace of the first
-            signal.alarm(earlier)
