@@ -61,7 +61,7 @@ import timm
 import torch
 import torch.nn.functional as F
 import yaml
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Checkpoint
 
 from xception_pl import Xception
 from xception_pl.cli import XceptionCLI
@@ -218,15 +218,18 @@ def fit_rate(overrides: list[str], steps: int, args) -> dict:
             "--trainer.precision", {v: k for k, v in PRECISIONS.items()}[args.loop_precision],
             "--data.init_args.batch_size", str(args.batch), "--data.init_args.image_size", str(args.image_size),
             "--data.init_args.train_size", str(args.batch * batches), *overrides])
-        callbacks = cli.model.configure_callbacks  # no checkpoint files in a timed run (see the docstring)
-        cli.model.configure_callbacks = lambda: [c for c in callbacks() if not isinstance(c, ModelCheckpoint)]
+        # No checkpoint files in a timed run (see the docstring): the CLI added the module's checkpoint callbacks
+        # to the trainer already, and configure_callbacks would add them again where they are missing.
+        cli.trainer.callbacks = [c for c in cli.trainer.callbacks if not isinstance(c, Checkpoint)]
+        cli.model.configure_callbacks = lambda: []
         timer = StepTimer(args.warmup, steps)
         cli.trainer.callbacks.append(timer)
         torch.compiler.reset()
         reset_peak(args.device)
         cli.trainer.fit(cli.model, cli.datamodule)
+        written = len(list(Path(logs).rglob("*.ckpt")))
     seconds = timer.times[args.warmup + steps] - timer.times[args.warmup]
-    return {"img_s": steps * args.batch / seconds, "peak_mib": peak_mib(args.device)}
+    return {"img_s": steps * args.batch / seconds, "peak_mib": peak_mib(args.device), "checkpoints_written": written}
 
 
 def check_outputs(args) -> dict:
@@ -273,8 +276,9 @@ class Sections:
             self.rows.append({**row, "error": f"{type(error).__name__}: {error}"[:300]})
             self.save_partial()
             return None
+        written = {k: v for k, v in ours.items() if k == "checkpoints_written"}  # the fit rows: none expected
         self.rows.append({**row, "img_s": ours["img_s"], "peak_mib": ours["peak_mib"], "baseline_img_s": base["img_s"],
-                          "baseline_peak_mib": base["peak_mib"], "ratio": ours["img_s"] / base["img_s"]})
+                          "baseline_peak_mib": base["peak_mib"], "ratio": ours["img_s"] / base["img_s"], **written})
         self.save_partial()
         return ours
 

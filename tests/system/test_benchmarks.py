@@ -23,6 +23,7 @@ def test_throughput_script_reports_every_section_and_checks_outputs_match_timm(t
 
     assert report["check"]["passed"], report["check"]
     rows = {(r["section"], r["setting"]): r for r in report["rows"]}
+    assert [rows[key]["checkpoints_written"] for key in sorted(rows) if key[0] in "bc"] == [0, 0, 0]
     assert sorted(rows) == [
         ("a", "train step fp32 channels_last eager"),
         ("b", "fit synthetic fp32 channels_last eager EMA 0.9999"),  # the config's EMA
@@ -33,6 +34,7 @@ def test_throughput_script_reports_every_section_and_checks_outputs_match_timm(t
     ]
     for row in report["rows"]:
         assert row["batch"] == 2
+        assert row.get("checkpoints_written", 0) == 0  # the timed fits (b, c) write no checkpoint
         assert row["img_s"] > 0 and row["baseline_img_s"] > 0 and row["peak_mib"] > 0, row
         assert row["ratio"] == row["img_s"] / row["baseline_img_s"]
     assert report["recipe"]["optimizer"]["class_path"] == "torch.optim.SGD" and report["recipe"]["benchmark"]
