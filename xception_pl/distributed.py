@@ -7,8 +7,8 @@ point whatever its data: the metric sync at the end of the epoch is. Distributed
 broadcast is not: it runs inside the first forward after a grad-enabled one (and the very first, the sanity
 check), so rank 0 would wait in it for a rank with nothing to forward, which waits in the metric sync.
 
-The mechanism (ours): DDP never broadcasts buffers (`broadcast_buffers=False`), and every rank takes rank 0's
-buffers once at the start of each evaluation epoch, a hook every rank runs. Why this one:
+The mechanism (ours): DDP never broadcasts buffers in a forward (`forward_sync_buffers`), and every rank takes
+rank 0's buffers once at the start of each evaluation epoch, a hook every rank runs. Why this one:
 - rank 0's BatchNorm statistics are the same with or without DDP's broadcast (it receives its own), so the
   checkpoint, which rank 0 writes, is unchanged, and a training step makes one collective fewer;
 - every rank then evaluates exactly the weights rank 0 saves, so distributed metrics equal a one-process
@@ -26,9 +26,10 @@ from torch.nn.parallel import DistributedDataParallel
 
 
 def stop_buffer_broadcast(model: nn.Module | None) -> None:
-    """Turn off DDP's per-forward buffer broadcast (read at every forward, so it may change after wrapping)."""
+    """Turn off DDP's per-forward buffer broadcast (read at every forward, so it may change after wrapping):
+    `forward_sync_buffers` since torch 2.14, `broadcast_buffers` before."""
     if isinstance(model, DistributedDataParallel):
-        model.broadcast_buffers = False
+        model.forward_sync_buffers = model.broadcast_buffers = False
 
 
 def broadcast_buffers(module: nn.Module, src: int = 0) -> None:

@@ -84,6 +84,37 @@ def test_datamodule_py_counts_trained_batches_from_the_epoch_loops_batch_progres
     assert {"ready", "started", "processed", "completed"} <= {f.name for f in fields(current)}
 
 
+def test_datamodule_py_moves_the_epoch_loops_restored_batch_counts_which_on_run_start_reads():
+    from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
+
+    assert "data_fetcher.fetched += self.batch_progress.current.ready" in source(_TrainingEpochLoop.on_run_start)
+    assert "self.batch_progress.current.completed >= self.trainer.num_training_batches" in source(
+        _TrainingEpochLoop.reset)
+
+
+def test_callbacks_py_validate_at_end_relies_on_the_epoch_loop_validating_when_the_trainer_should_stop():
+    from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
+
+    check = source(_TrainingEpochLoop._should_check_val_fx)
+    assert "if self.trainer.should_stop and self.trainer.fit_loop._can_stop_early:" in check
+
+
+def test_wiring_py_attaches_callbacks_in_configure_callbacks_before_lightning_reads_the_trainers_list():
+    from lightning.pytorch.trainer.connectors.callback_connector import _CallbackConnector
+
+    attach = source(_CallbackConnector._attach_model_callbacks)
+    assert attach.index('"configure_callbacks"') < attach.index("trainer.callbacks")
+    assert "if not model_callbacks:\n            return" in attach  # returning none leaves the list as attached
+
+
+def test_hyperparameters_py_records_lightning_clis_own_instantiator_which_loading_allows():
+    from lightning.pytorch.core.saving import _ALLOWED_INSTANTIATORS
+
+    from xception_pl.hyperparameters import INSTANTIATOR
+
+    assert INSTANTIATOR in _ALLOWED_INSTANTIATORS
+
+
 def test_module_py_learns_from_a_context_variable_that_lightning_cli_built_it():
     from lightning.pytorch.core.mixins import hparams_mixin
 
@@ -106,6 +137,14 @@ def test_ema_py_reads_the_average_where_weight_averaging_keeps_it():
 
 
 # ---------------------------------------------------------------------------------------------- torch
+def test_distributed_py_turns_off_ddps_buffer_broadcast_which_each_forward_reads():
+    from torch.nn.parallel import DistributedDataParallel
+
+    assert "self.forward_sync_buffers" in source(DistributedDataParallel.will_sync_module_buffers)
+    assert "self.will_sync_module_buffers()" in source(DistributedDataParallel._check_sync_bufs_pre_fwd)
+
+
+
 def test_module_py_writes_the_hparams_summary_through_the_summary_writers_file_writer(tmp_path):
     from lightning.fabric.loggers.logger import _DummyExperiment
     from torch.utils.tensorboard import SummaryWriter
