@@ -31,8 +31,8 @@ class ValidateAtEnd(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         steps_done = trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps
-        epochs_done = (trainer.max_epochs is not None and trainer.max_epochs != -1
-                       and trainer.current_epoch + 1 >= trainer.max_epochs and batch_idx + 1 >= trainer.num_training_batches)
+        epochs_done = (trainer.max_epochs not in (None, -1) and trainer.current_epoch + 1 >= trainer.max_epochs
+                       and batch_idx + 1 >= trainer.num_training_batches)
         if steps_done or epochs_done:
             trainer.should_stop = True
 

@@ -10,8 +10,8 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
-from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 from torch.distributed import ReduceOp
 from torchmetrics import MeanMetric, MetricCollection
@@ -383,12 +383,10 @@ class XceptionModule(L.LightningModule):
         """RESUMED_COUNTS over the whole run: skipped steps and fp16 overflows are the same on every rank (they
         follow the all-reduced gradients), skipped samples are summed over the ranks (every rank dumps a
         checkpoint in fit, so the collective is met)."""
-        totals = {name: self.counts[name] + self.counts_before[name] for name in RESUMED_COUNTS}
-        data = self.counts["data_skipped_train"].float()
+        now = {name: self.counts[name].float() for name in RESUMED_COUNTS}
         if self.trainer.world_size > 1:
-            data = self.trainer.strategy.reduce(data, reduce_op="sum")
-        totals["data_skipped_train"] = data + self.counts_before["data_skipped_train"]
-        return {name: int(total) for name, total in totals.items()}
+            now["data_skipped_train"] = self.trainer.strategy.reduce(now["data_skipped_train"], reduce_op="sum")
+        return {name: int(now[name]) + self.counts_before[name] for name in RESUMED_COUNTS}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.counts_before.update(checkpoint.get("counts", {}))

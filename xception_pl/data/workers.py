@@ -7,6 +7,7 @@ import multiprocessing
 import os
 import signal
 
+
 class StopSignalsInWorker:
     """A DataLoader worker_init_fn: stop signals are for the training process, which saves at a batch end
     that all ranks agree on, then stops its workers.
