@@ -42,8 +42,9 @@ def run(lr: str, eps: str, args: argparse.Namespace, root: Path) -> list[tuple[i
           "--model.ema_decay", "null", "--model.channels_last", "false", "--model.checkpoint_every_n_steps", "null",
           "--model.optimizer.init_args.lr", lr, "--model.optimizer.init_args.eps", eps,
           "--data", "xception_pl.data.DemoDataModule", "--data.init_args.root", args.data,
-          "--data.init_args.multilabel", "true", "--data.init_args.num_classes", "20",
-          "--data.init_args.train_images_per_class", "60", "--data.init_args.val_images_per_class", "15",
+          "--data.init_args.multilabel", "true", "--data.init_args.num_classes", str(args.classes),
+          "--data.init_args.train_images_per_class", str(args.per_class),
+          "--data.init_args.val_images_per_class", str(args.per_class // 4),
           "--data.init_args.source_size", "80", "--data.init_args.image_size", "71",
           "--data.init_args.eval_resize", "75", "--data.init_args.batch_size", str(args.batch),
           "--data.init_args.num_workers", "1"])
@@ -55,6 +56,8 @@ def main_() -> None:
     parser.add_argument("--steps", type=int, default=240)
     parser.add_argument("--every", type=int, default=40)
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--classes", type=int, default=20)
+    parser.add_argument("--per-class", type=int, default=60, help="training images per class (a quarter for val)")
     parser.add_argument("--data", default="~/.cache/xception_pl/demo")
     parser.add_argument("--out", default="rmsprop_eps.json")
     args = parser.parse_args()
@@ -69,8 +72,8 @@ def main_() -> None:
               "curves": curves, "seconds": seconds}
     Path(args.out).write_text(json.dumps(report, indent=1))
     steps = [step for step, _ in next(iter(curves.values()))]
-    print(f"\nval/map100 (20 classes, 1-3 labels per image, {15 * 20} val images) by training samples "
-          f"(batch {args.batch}):\n")
+    print(f"\nval/map100 ({args.classes} classes, 1-3 labels per image, {args.per_class // 4 * args.classes} val "
+          f"images) by training samples (batch {args.batch}):\n")
     print("| variant | " + " | ".join(f"{s * args.batch:,}" for s in steps) + " |")
     print("|---|" + "---|" * len(steps))
     for name, curve in curves.items():

@@ -81,3 +81,17 @@ def test_max_pool_script_times_both_pools_at_the_four_xception_shapes() -> None:
     assert [row[0].strip() for row in rows] == ["128x147x147", "256x74x74", "728x37x37", "1024x19x19", "all four",
                                                "whole network, inference forward (median of 1)"]
     assert all(float(cell) > 0 for row in rows for cell in row[1:])
+
+
+def test_rmsprop_eps_script_prints_a_map100_curve_per_variant(tmp_path: Path) -> None:
+    out = tmp_path / "eps.json"
+    command = [sys.executable, str(ROOT / "benchmarks" / "rmsprop_eps.py"), "--steps", "2", "--every", "1",
+               "--batch", "2", "--classes", "3", "--per-class", "4", "--data", str(tmp_path / "demo"),
+               "--out", str(out)]
+    result = subprocess.run(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert list(report["curves"]) == ["eps 1.0, lr 0.001 (config)", "eps 1e-7, lr 0.001", "eps 1.0, lr 0.01"]
+    assert all([step for step, _ in curve] == [1, 2] for curve in report["curves"].values())
+    assert result.stdout.rstrip().splitlines()[-1].startswith("| eps 1.0, lr 0.01 | ")  # the table last
