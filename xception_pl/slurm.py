@@ -156,8 +156,16 @@ class RequeueOnSignal(L.Callback):
         self.requeue = started_by_srun(env) and env.get("SLURM_JOB_NAME") not in INTERACTIVE_JOB_NAMES
         self.trainer, self.signal = trainer, None
         signal.signal(signal.SIGUSR1, self.note_signal)
-        if self.watchdog is None and threading.current_thread() is threading.main_thread():
-            self.watchdog = StopWatchdog(trainer.global_rank)  # a stop that never comes is said (stop_watchdog.py)
+        if threading.current_thread() is threading.main_thread():  # a stop that never comes is said (stop_watchdog.py)
+            self.watchdog = StopWatchdog.arm(trainer.global_rank)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit" and self.watchdog is not None:
+            self.watchdog.disarm()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if self.watchdog is not None:  # the fit is over: a process that goes on is not watched
+            self.watchdog.disarm()
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Steps are timed from here; the first agreement is after the first step, which sets the pace.

@@ -84,3 +84,39 @@ def test_workers_still_alive_at_the_training_processs_exit_end_at_once():
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip().isdigit(), result.stderr[-2000:]
     assert time.monotonic() - started < 15
+
+
+def test_the_stop_watchdog_watches_only_while_a_fit_runs():
+    """Armed by a fit and disarmed at its end: a process that goes on (a notebook, this test run) and later gets
+    SIGTERM is not ended by a watchdog left from an earlier fit."""
+    from xception_pl.stop_watchdog import StopWatchdog
+
+    previous = signal.signal(signal.SIGUSR1, lambda *args: None)  # a Python handler, as RequeueOnSignal installs
+    try:
+        watchdog = StopWatchdog.arm(rank=0, timeout_s=0.5)
+        watchdog.disarm()
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(1.5)  # armed, it would have exited this process by now
+        assert watchdog.signum is None and not watchdog.active
+        assert signal.set_wakeup_fd(-1) == -1  # the wakeup fd went back to what it was
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
+
+def test_a_workers_sigterm_does_not_reach_the_training_processs_stop_watchdog():
+    """A forked worker inherits the wakeup fd; its own SIGTERM must not read as the training process's."""
+    from xception_pl.stop_watchdog import StopWatchdog
+
+    previous = signal.signal(signal.SIGTERM, lambda *args: None)
+    watchdog = StopWatchdog.arm(rank=0, timeout_s=60)
+    try:
+        loader = DataLoader(WorkerPids(), batch_size=None, num_workers=1, multiprocessing_context="fork",
+                            worker_init_fn=workers.StopSignalsInWorker())
+        batches = iter(loader)
+        os.kill(next(batches), signal.SIGTERM)
+        time.sleep(1)
+        assert watchdog.signum is None
+        del batches
+    finally:
+        watchdog.disarm()
+        signal.signal(signal.SIGTERM, previous)

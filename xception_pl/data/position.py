@@ -35,10 +35,11 @@ class StreamPosition:
     def state_dict(self, trained: int = 0, epoch_batches: int | None = None, global_batch: int = 0) -> dict[str, int]:
         """The next batch to train, `trained` of the current epoch's `epoch_batches` batches of `global_batch`
         samples (all ranks) being done; "samples" and "trained" let a resume on another world size convert."""
-        if epoch_batches is not None and trained >= epoch_batches:  # saved at the end of the epoch
-            return {"seed": self.seed, "epoch": self.epoch + 1, "batch": 0, "samples": 0, "trained": trained}
-        return {"seed": self.seed, "epoch": self.epoch, "batch": trained, "samples": trained * global_batch,
-                "trained": trained}
+        ended = epoch_batches is not None and trained >= epoch_batches  # saved at the end of the epoch
+        state = {"seed": self.seed, "epoch": self.epoch + ended, "batch": 0 if ended else trained}
+        if global_batch:  # in a fit
+            state.update(samples=0 if ended else trained * global_batch, trained=trained)
+        return state
 
     def load_state_dict(self, state_dict: dict[str, int], global_batch: int | None = None,
                         epoch_batches: int | None = None) -> None:

@@ -32,6 +32,7 @@ class StopSignalsInWorker:
         atexit.register(self.exiting.set)
 
     def __call__(self, worker_id: int = 0) -> None:
+        signal.set_wakeup_fd(-1)  # a forked worker inherits the training process's (its stop watchdog's) pipe
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, self.on_sigterm)
 
