@@ -4,6 +4,10 @@ The paper decays the lr "by a rate of 0.94 every 2 epochs" (ImageNet) and "by a 
 0.9 every 3,000,000 samples" (JFT). Counting samples keeps the schedule identical for
 any number of devices, nodes or accumulation steps, and across a resume on a different
 world size: the number of samples seen is saved, and each step adds the global batch.
+
+`SampleSchedule` does the counting (and the warm-up, ours); a schedule is its `shape`, the lr at a
+sample count: `SampleStepDecay` is the paper's, and `TorchShape` takes any of torch's own schedulers
+whose lr is a function of its step count, evaluated at the sample count.
 """
 
 from __future__ import annotations
@@ -13,10 +17,16 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import lightning as L
 from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LRScheduler
+from torch.optim.lr_scheduler import CyclicLR, LambdaLR, LRScheduler, OneCycleLR, _enable_get_lr_call
 
 log = logging.getLogger(__name__)
+
+
+def samples_per_step(trainer: L.Trainer, batch_size: int) -> int:
+    """The global batch: per-device batch x devices x nodes x accumulation (the one place it is computed)."""
+    return batch_size * trainer.world_size * trainer.accumulate_grad_batches
 
 
 @dataclass(frozen=True)
@@ -24,15 +34,91 @@ class SampleCounts:
     """What a schedule counted in samples needs of the running job; the module gives it when it builds the
     schedule (the config gives the rest)."""
 
-    per_step: int  # the global batch: per-device batch x devices x nodes x accumulation
+    per_step: int  # the global batch: samples_per_step
     per_epoch: int | None = None  # the training set; decay_every_epochs needs it
     skipped_steps: Callable[[], int] | None = None  # reads the steps skipped so far (a device count)
 
 
 SampleScheduleCallable = Callable[[Optimizer, SampleCounts], LRScheduler]  # what model.lr_scheduler builds
+ShapeCallable = Callable[[Optimizer], LRScheduler]  # one of torch's schedulers, given its optimizer
 
 
-class SampleStepDecay(LRScheduler):
+class SampleSchedule(LRScheduler):
+    """lr = warm-up(samples) x shape(samples), stepped every optimizer step with the global batch.
+
+    The samples are those of the steps that updated the weights (a step skipped for a non-finite loss does
+    not count). That count lives on the device; the host reads it only when the lr would move by more than
+    READ_TOLERANCE since the last read (a staircase's every step, a warm-up's, a smooth shape's every 1 %), so a
+    steady step never waits for the host and a step decay is exact.
+
+    Subclasses give `shape(samples) -> lrs` and list their config in `_CONFIG`.
+    """
+
+    READ_TOLERANCE = 0.01  # ours
+    # The recipe comes from the config, also on resume (a config edit takes effect); facts of the running
+    # job come from the module. Neither is restored from a checkpoint: only the progress is.
+    _CONFIG: tuple[str, ...] = ("warmup_samples", "base_lrs")
+    _NOT_SAVED = ("samples", "skipped_before", "lrs_at_read", "shape_scheduler",
+                  "factor_now", "samples_per_step", "samples_per_epoch", "skipped_steps")  # the last 4: older ones
+
+    def __init__(self, optimizer: Optimizer, samples: SampleCounts, warmup_samples: int = 0) -> None:
+        if warmup_samples < 0:
+            raise ValueError(f"warmup_samples={warmup_samples} must be >= 0")
+        self.samples = samples
+        self.warmup_samples = warmup_samples
+        self.samples_seen = 0  # by every optimizer step, skipped ones included
+        self.samples_skipped = 0  # by the steps skipped for a non-finite loss
+        self.skipped_before = 0  # samples_skipped before this run (restored from a checkpoint)
+        self.lrs_at_read: list[float] | None = None
+        super().__init__(optimizer)
+
+    def shape(self, samples: int) -> list[float]:
+        raise NotImplementedError
+
+    def lrs(self, samples: int) -> list[float]:
+        warmup = min(1.0, samples / self.warmup_samples) if self.warmup_samples else 1.0
+        return [warmup * lr for lr in self.shape(samples)]
+
+    def step(self, epoch: None = None) -> None:
+        # LRScheduler.__init__ calls step() once (last_epoch -1 -> 0) to set the initial lr.
+        if self.last_epoch >= 0:
+            self.samples_seen += self.samples.per_step
+        super().step()
+
+    def get_lr(self) -> list[float]:
+        lrs = self.lrs(self.samples_seen - self.samples_skipped)
+        if self.samples.skipped_steps is not None and self.moved(lrs):
+            self.count_skipped()
+            lrs = self.lrs(self.samples_seen - self.samples_skipped)
+            self.lrs_at_read = lrs
+        return lrs
+
+    def moved(self, lrs: list[float]) -> bool:
+        return self.lrs_at_read is None or any(
+            abs(new - old) > self.READ_TOLERANCE * abs(old) for new, old in zip(lrs, self.lrs_at_read))
+
+    def count_skipped(self) -> None:
+        self.samples_skipped = self.skipped_before + self.samples.skipped_steps() * self.samples.per_step
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.samples.skipped_steps is not None:  # exact in the checkpoint
+            self.count_skipped()
+        state = super().state_dict()
+        progress = {k: v for k, v in state.items() if k not in self._CONFIG + self._NOT_SAVED}
+        return {**progress, "config": {k: state[k] for k in self._CONFIG}}  # "config": to report edits only
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("config", {k: state_dict[k] for k in self._CONFIG if k in state_dict})
+        edits = [f"{k}={getattr(self, k)} (checkpoint: {v})" for k, v in saved.items() if getattr(self, k, v) != v]
+        if edits:
+            log.warning("the config's lr schedule replaces the checkpoint's: %s", ", ".join(edits))
+        unsaved = self._CONFIG + self._NOT_SAVED + ("config",)
+        super().load_state_dict({k: v for k, v in state_dict.items() if k not in unsaved})
+        self.skipped_before = self.samples_skipped
+        self.lrs_at_read = None
+
+
+class SampleStepDecay(SampleSchedule):
     """lr = lr0 * warmup * decay_rate ** floor(samples_seen / decay_every) (staircase, ours).
 
     Args:
@@ -45,11 +131,8 @@ class SampleStepDecay(LRScheduler):
         warmup_samples: linear warmup from 0 over this many samples (ours; 0 = off, as the paper).
     """
 
-    # The recipe comes from the config, also on resume (a config edit takes effect); facts of the running
-    # job come from the module. Neither is restored from a checkpoint: only the progress is.
-    _CONFIG = ("decay_rate", "decay_every_samples", "decay_every_epochs", "warmup_samples", "base_lrs")
-    _RUN_FACTS = ("samples", "skipped_before", "factor_now",
-                  "samples_per_step", "samples_per_epoch", "skipped_steps")  # the last three: older checkpoints
+    _CONFIG = ("decay_rate", "decay_every_samples", "decay_every_epochs", *SampleSchedule._CONFIG)
+    READ_TOLERANCE = 0.0  # the lr moves only at a decay: read there, exactly
 
     def __init__(
         self,
@@ -67,67 +150,51 @@ class SampleStepDecay(LRScheduler):
         for name, value in (("decay_every_samples", decay_every_samples), ("decay_every_epochs", decay_every_epochs)):
             if value is not None and value <= 0:
                 raise ValueError(f"{name}={value} must be positive")
-        if warmup_samples < 0:
-            raise ValueError(f"warmup_samples={warmup_samples} must be >= 0")
         if decay_every_epochs is not None and not samples.per_epoch:
             raise ValueError("decay_every_epochs needs the training set size: give the data module a train set "
                              "(or train_size), or use decay_every_samples")
-        self.samples = samples
         self.decay_rate = decay_rate
         self.decay_every_samples = decay_every_samples
         self.decay_every_epochs = decay_every_epochs
-        self.warmup_samples = warmup_samples
-        self.samples_seen = 0  # by every optimizer step, skipped ones included
-        self.samples_skipped = 0  # by the steps skipped for a non-finite loss
-        self.skipped_before = 0  # samples_skipped before this run (restored from a checkpoint)
-        self.factor_now: float | None = None
-        super().__init__(optimizer)
+        self.interval = decay_every_samples or decay_every_epochs * samples.per_epoch
+        super().__init__(optimizer, samples, warmup_samples)
 
-    @property
-    def interval(self) -> float:
-        if self.decay_every_samples is not None:
-            return self.decay_every_samples
-        return self.decay_every_epochs * self.samples.per_epoch
+    def shape(self, samples: int) -> list[float]:
+        return [lr * self.decay_rate ** math.floor(samples / self.interval) for lr in self.base_lrs]
 
-    def factor(self, samples: int) -> float:
-        warmup = min(1.0, samples / self.warmup_samples) if self.warmup_samples else 1.0
-        return warmup * self.decay_rate ** math.floor(samples / self.interval)
 
-    def step(self, epoch: None = None) -> None:
-        # LRScheduler.__init__ calls step() once (last_epoch -1 -> 0) to set the initial lr.
-        if self.last_epoch >= 0:
-            self.samples_seen += self.samples.per_step
-        super().step()
+class TorchShape(SampleSchedule):
+    """Any of torch's schedulers whose lr is a function of its step count, with the step count in samples:
 
-    def samples_trained(self) -> int:
-        """Samples of the steps that updated the weights. The skip count lives on the device; it is read
-        only when the lr would change at the uncorrected count (a decay boundary, or warmup), so a
-        steady-state step never waits for the host, and the lr is exact at every step."""
-        trained = self.samples_seen - self.samples_skipped
-        if self.samples.skipped_steps is not None and self.factor(trained) != self.factor_now:
-            self.count_skipped()
-            trained = self.samples_seen - self.samples_skipped
-        return trained
+        lr_scheduler:
+          class_path: xception_pl.schedules.TorchShape
+          init_args:
+            warmup_samples: 12800
+            shape:
+              class_path: torch.optim.lr_scheduler.CosineAnnealingLR
+              init_args: {T_max: 128116700, eta_min: 0.0}   # T_max in samples: 100 ImageNet epochs
 
-    def count_skipped(self) -> None:
-        self.samples_skipped = self.skipped_before + self.samples.skipped_steps() * self.samples.per_step
+    The closed forms torch gives (StepLR, MultiStepLR, ConstantLR, LinearLR, ExponentialLR, CosineAnnealingLR,
+    PolynomialLR) and the schedulers whose get_lr reads only the step count (LambdaLR, OneCycleLR, CyclicLR)
+    are evaluated at the sample count; the others keep state between steps and are refused.
+    """
 
-    def get_lr(self) -> list[float]:
-        self.factor_now = self.factor(self.samples_trained())
-        return [base_lr * self.factor_now for base_lr in self.base_lrs]
+    STATELESS = (LambdaLR, OneCycleLR, CyclicLR)  # get_lr is a function of last_epoch alone
 
-    def state_dict(self) -> dict[str, Any]:
-        if self.samples.skipped_steps is not None:  # exact in the checkpoint
-            self.count_skipped()
-        state = super().state_dict()
-        progress = {k: v for k, v in state.items() if k not in self._CONFIG + self._RUN_FACTS}
-        return {**progress, "config": {k: state[k] for k in self._CONFIG}}  # "config": to report edits only
+    def __init__(self, optimizer: Optimizer, samples: SampleCounts, shape: ShapeCallable,
+                 warmup_samples: int = 0) -> None:
+        self.shape_scheduler = shape(optimizer)  # sets each group's initial_lr, read by our base_lrs
+        if not (hasattr(self.shape_scheduler, "_get_closed_form_lr") or isinstance(self.shape_scheduler,
+                                                                                  self.STATELESS)):
+            raise ValueError(f"{type(self.shape_scheduler).__name__} keeps state between steps, so it cannot be "
+                             "evaluated at a sample count: use one with a closed form (CosineAnnealingLR, "
+                             "LinearLR, MultiStepLR, ExponentialLR, PolynomialLR, ...) or LambdaLR")
+        super().__init__(optimizer, samples, warmup_samples)
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        saved = state_dict.get("config", {k: state_dict[k] for k in self._CONFIG if k in state_dict})
-        edits = [f"{k}={getattr(self, k)} (checkpoint: {v})" for k, v in saved.items() if getattr(self, k) != v]
-        if edits:
-            log.warning("the config's lr schedule replaces the checkpoint's: %s", ", ".join(edits))
-        unsaved = self._CONFIG + self._RUN_FACTS + ("config",)
-        super().load_state_dict({k: v for k, v in state_dict.items() if k not in unsaved})
-        self.skipped_before = self.samples_skipped
+    def shape(self, samples: int) -> list[float]:
+        scheduler = self.shape_scheduler
+        scheduler.last_epoch = samples
+        if hasattr(scheduler, "_get_closed_form_lr"):
+            return list(scheduler._get_closed_form_lr())
+        with _enable_get_lr_call(scheduler):
+            return list(scheduler.get_lr())

@@ -1,12 +1,13 @@
 """The lr schedule counts samples (sec. 4.2), and the JFT optimizer is TensorFlow's RMSprop."""
 
 import math
+from functools import partial
 
 import pytest
 import torch
 from timm.optim import RMSpropTF
 
-from xception_pl.schedules import SampleCounts, SampleStepDecay
+from xception_pl.schedules import SampleCounts, SampleStepDecay, TorchShape
 
 EPOCH = 12_811  # a small training set (ImageNet / 100) keeps the loops short
 
@@ -104,3 +105,53 @@ def test_rmsprop_is_tensorflows():
         mom = momentum * mom + lr * g / torch.sqrt(ms + eps)
         expected -= mom
     torch.testing.assert_close(w.detach(), expected)
+
+
+def shaped_lr_after(steps: int, global_batch: int, shape, **kwargs) -> float:
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.045)
+    scheduler = TorchShape(optimizer, SampleCounts(global_batch), shape=shape, **kwargs)
+    for _ in range(steps):
+        optimizer.step()
+        scheduler.step()
+    return optimizer.param_groups[0]["lr"]
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 8])
+def test_a_torch_scheduler_is_stepped_in_samples_on_any_world_size(world_size):
+    """CosineAnnealingLR's T_max counts samples: after s samples the lr is torch's closed form at s."""
+    budget, global_batch = 64_000, 32 * world_size
+    cosine = partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=budget, eta_min=0.001)
+    for samples in (0, 16_000, 32_000, 64_000):
+        samples -= samples % global_batch  # those of whole steps
+        expected = 0.001 + (0.045 - 0.001) * (1 + math.cos(math.pi * samples / budget)) / 2
+        assert shaped_lr_after(samples // global_batch, global_batch, cosine) == pytest.approx(expected)
+
+
+def test_sample_step_decay_is_torchs_step_lr_in_samples():
+    step_lr = partial(torch.optim.lr_scheduler.StepLR, step_size=3_000_000, gamma=0.9)
+    for steps in (0, 46_874, 46_875, 100_000):  # 46,875 x 64 = 3M samples: the first decay
+        assert shaped_lr_after(steps, 64, step_lr) == pytest.approx(
+            lr_after(steps, 64, 1, decay_rate=0.9, decay_every_samples=3_000_000))
+
+
+def test_a_shape_warms_up_in_samples_and_lambda_lr_reads_samples():
+    constant = partial(torch.optim.lr_scheduler.LambdaLR, lr_lambda=lambda samples: 1.0 if samples < 1000 else 0.5)
+    assert shaped_lr_after(1, 100, constant, warmup_samples=400) == pytest.approx(0.045 * 100 / 400)
+    assert shaped_lr_after(10, 100, constant, warmup_samples=400) == pytest.approx(0.045 * 0.5)
+
+
+def test_a_stateful_torch_scheduler_is_refused_with_the_ones_that_work():
+    with pytest.raises(ValueError, match="MultiplicativeLR keeps state between steps.*CosineAnnealingLR"):
+        shaped_lr_after(1, 32, partial(torch.optim.lr_scheduler.MultiplicativeLR, lr_lambda=lambda step: 0.9))
+
+
+def test_a_torch_shape_resumes_on_another_world_size_at_its_sample_count():
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    linear = partial(torch.optim.lr_scheduler.LinearLR, start_factor=1.0, end_factor=0.0, total_iters=1000)
+    scheduler = TorchShape(torch.optim.SGD([parameter], lr=1.0), SampleCounts(200), shape=linear)
+    for _ in range(2):
+        scheduler.step()
+    resumed = TorchShape(torch.optim.SGD([parameter], lr=1.0), SampleCounts(100), shape=linear)
+    resumed.load_state_dict(scheduler.state_dict())
+    resumed.step()
+    assert resumed.get_last_lr() == [pytest.approx(0.5)]  # 400 + 100 of 1000 samples
