@@ -49,14 +49,14 @@ PATHS = [
     ("bf16",            "imagenet", "single", [],                                               "", 120),
     ("fp16",            "imagenet", "single", ["--trainer.precision", "16-mixed"],              "cuda", 120),
     ("nchw",            "imagenet", "single", ["--model.channels_last", "false"],               "gpu", 120),
-    ("no-ema",          "imagenet", "single", ["--model.ema_decay", "null"],                    "gpu", 120),
+    ("no-ema",          "imagenet", "single", ["--ema.decay", "null"],                          "gpu", 120),
     ("decode-cuda",     "imagenet", "single", ["--data.init_args.decode_device", "cuda"],       "cuda", 120),
     ("jft-map100",      "jft",      "multi",  [],                                               "", 120),
 ]
 # One epoch of training (no epoch boundary in the steps counted), then one validation of every image.
 SIZES = {"cuda": dict(train=384, val=128, image=299, resize=333, batch=32, steps=12, log_every=4, workers=4, jobs=3),
          "cpu": dict(train=16, val=10, image=71, resize=80, batch=4, steps=4, log_every=2, workers=1, jobs=1)}
-CPU_OVERRIDES = ["--model.save_top_k", "0"]  # one checkpoint file (last.ckpt) instead of two: slow disks
+CPU_OVERRIDES = ["--checkpoint.save_top_k", "0"]  # one checkpoint file (last.ckpt) instead of two: slow disks
 BUDGET_S = {"setup": 40, "paths": 180, "throughput": 240}  # wall seconds per section on the GPU: 460 of 480
 # Compilation (section a's "default") last: a time limit keeps the rest.
 THROUGHPUT = {"cuda": ["--sections", "b,c,d,a", "--batch-sizes", "128", "--layouts", "channels_last",

@@ -39,7 +39,7 @@ def run(lr: str, eps: str, args: argparse.Namespace, root: Path) -> list[tuple[i
           "--trainer.val_check_interval", str(args.every), "--trainer.log_every_n_steps", str(args.every),
           "--trainer.enable_progress_bar", "false", "--trainer.num_sanity_val_steps", "0",
           "--trainer.default_root_dir", str(root), "--images.enabled", "false",
-          "--model.ema_decay", "null", "--model.channels_last", "false", "--model.checkpoint_every_n_steps", "null",
+          "--ema.decay", "null", "--model.channels_last", "false", "--last_checkpoint.every_n_train_steps", "null",
           "--model.optimizer.init_args.lr", lr, "--model.optimizer.init_args.eps", eps,
           "--data", "xception_pl.data.DemoDataModule", "--data.init_args.root", args.data,
           "--data.init_args.multilabel", "true", "--data.init_args.num_classes", str(args.classes),

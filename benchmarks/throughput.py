@@ -7,7 +7,7 @@ recipe of a config file: what `python -m xception_pl fit --config <config>` runs
 Taken from --config: the precision (trainer.precision), cuDNN autotuning (trainer.benchmark), the memory
 layout (model.channels_last), torch.compile of the training loop (model.compile), the per-device batch
 and image size (data), the optimizer with its arguments and weight-decay groups (model.optimizer,
-model.weight_decay), the lr schedule and EMA (model.lr_scheduler, model.ema_decay). Sections b and c build
+model.weight_decay), the lr schedule and EMA (model.lr_scheduler, ema.decay). Sections b and c build
 the model, data and Trainer with the CLI's own parser (xception_pl.cli.XceptionCLI) from the config, so
 every callback and plugin the CLI adds runs too; a and d-e build the network and optimizer from it.
 Sections (all on --device, random synthetic data unless said):
@@ -93,7 +93,8 @@ def read_recipe(path: str) -> dict:
     return {"config": path, "precision": PRECISIONS[precision], "benchmark": bool(trainer.get("benchmark")),
             "channels_last": model.get("channels_last", False), "compile": model.get("compile", False),
             "batch_size": data.get("batch_size", 32), "image_size": data.get("image_size", 299),
-            "optimizer": optimizer, "weight_decay": model.get("weight_decay", 1e-5), "ema_decay": model.get("ema_decay")}
+            "optimizer": optimizer, "weight_decay": model.get("weight_decay", 1e-5),
+            "ema_decay": config.get("ema", {}).get("decay", 0.9999)}
 
 
 def make_optimizer(model: torch.nn.Module, recipe: dict) -> torch.optim.Optimizer:
@@ -218,10 +219,8 @@ def fit_rate(overrides: list[str], steps: int, args) -> dict:
             "--trainer.precision", {v: k for k, v in PRECISIONS.items()}[args.loop_precision],
             "--data.init_args.batch_size", str(args.batch), "--data.init_args.image_size", str(args.image_size),
             "--data.init_args.train_size", str(args.batch * batches), *overrides])
-        # No checkpoint files in a timed run (see the docstring): the CLI added the module's checkpoint callbacks
-        # to the trainer already, and configure_callbacks would add them again where they are missing.
+        # No checkpoint files in a timed run (see the docstring).
         cli.trainer.callbacks = [c for c in cli.trainer.callbacks if not isinstance(c, Checkpoint)]
-        cli.model.configure_callbacks = lambda: []
         timer = StepTimer(args.warmup, steps)
         cli.trainer.callbacks.append(timer)
         torch.compiler.reset()
@@ -302,7 +301,7 @@ class Sections:
         data = ["--data.class_path", "xception_pl.data.synthetic.SyntheticDataModule",
                 "--data.init_args.num_classes", str(NUM_CLASSES),  # one fixed batch on the device, also on CPU
                 "--data.init_args.device", str(args.device) if self.cuda else "cpu:0"]
-        return partial(fit_rate, [*data, *([] if ema else ["--model.ema_decay", "null"])], args.steps, args)
+        return partial(fit_rate, [*data, *([] if ema else ["--ema.decay", "null"])], args.steps, args)
 
     def b(self) -> None:
         setting = f"fit synthetic {self.precision} {self.layout} {self.loop_mode}"

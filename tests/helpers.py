@@ -13,10 +13,12 @@ import torch
 import yaml
 from lightning.pytorch.plugins import MixedPrecision
 
-from xception_pl.checkpointing import AtomicCheckpointIO
 from xception_pl.data.synthetic import SyntheticDataModule
+from xception_pl.ema import PolyakAveraging
+from xception_pl.images import ImageGrids
 from xception_pl.module import XceptionModule
 from xception_pl.schedules import SampleStepDecay
+from xception_pl.wiring import trainer_parts
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository: configs/, slurm/
 IMAGE = 71  # Xception's smallest input keeps CPU steps fast
@@ -30,19 +32,24 @@ def tiny_data(**kwargs: Any) -> SyntheticDataModule:
 def tiny_module(data: SyntheticDataModule, **kwargs: Any) -> XceptionModule:
     defaults = dict(
         num_classes=data.num_classes, multilabel=data.multilabel, train_size=data.train_size,
-        batch_size=data.batch_size, ema_decay=0.5,
+        batch_size=data.batch_size,
         optimizer=lambda params: torch.optim.SGD(params, lr=0.01, momentum=0.9),
         lr_scheduler=lambda opt, samples: SampleStepDecay(opt, samples, decay_rate=0.5, decay_every_samples=8),
     )
     return XceptionModule(**{**defaults, **kwargs})
 
 
-def tiny_trainer(root: Path, **kwargs: Any) -> L.Trainer:
-    defaults = dict(accelerator="cpu", devices=1, max_epochs=1, default_root_dir=root, log_every_n_steps=1,
-                    enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                    plugins=[AtomicCheckpointIO()],
-                    logger=L.pytorch.loggers.TensorBoardLogger(root, name="", version=""))
-    return L.Trainer(**{**defaults, **kwargs})
+def tiny_trainer(root: Path, *, ema: float | None = 0.5, parts: dict[str, Any] | None = None,
+                 **kwargs: Any) -> L.Trainer:
+    """A quiet one-epoch CPU trainer with the run's parts (trainer_parts: `ema` the Polyak decay, `parts` the
+    other configured parts, image grids off); `callbacks`, `logger` and `plugins` go through trainer_parts."""
+    given = {key: kwargs.pop(key) for key in ("callbacks", "logger", "plugins") if key in kwargs}
+    progress_bar = kwargs.setdefault("enable_progress_bar", False)
+    run = trainer_parts(root, **given, progress_bar=progress_bar, **{"ema": PolyakAveraging(ema),
+                        "images": ImageGrids(enabled=False), **(parts or {})})
+    defaults = dict(accelerator="cpu", devices=1, max_epochs=1, log_every_n_steps=1,
+                    enable_model_summary=False, num_sanity_val_steps=0)
+    return L.Trainer(**{**defaults, **run, **kwargs})
 
 
 def free_port() -> int:
@@ -78,15 +85,16 @@ def run_config(path: Path, run_dir: Path, *, data: dict[str, Any] | None = None,
                trainer: dict[str, Any] | None = None, **top: Any) -> Path:
     """Write a `fit --config` YAML to `path`: one quiet CPU epoch into run_dir on synthetic_data() with SGD and a
     sample-step decay, as tiny_trainer and tiny_module build in-process. `trainer` and `model` keys override
-    single keys; `data` replaces the whole section; `top` adds top-level keys (seed_everything)."""
+    single keys; `data` replaces the whole section; `top` adds or replaces top-level sections (seed_everything,
+    ema, checkpoint, last_checkpoint)."""
     config = {
+        "ema": {"decay": 0.5},
         **top,
         "trainer": {"accelerator": "cpu", "devices": 1, "max_epochs": 1, "default_root_dir": str(run_dir),
                     "log_every_n_steps": 1, "enable_progress_bar": False, "enable_model_summary": False,
                     **(trainer or {})},
         "data": data or synthetic_data(),
-        "model": {"ema_decay": 0.5,
-                  "optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.01, "momentum": 0.9}},
+        "model": {"optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.01, "momentum": 0.9}},
                   "lr_scheduler": {"class_path": "xception_pl.schedules.SampleStepDecay",
                                    "init_args": {"decay_rate": 0.5, "decay_every_samples": 12}},
                   **(model or {})},

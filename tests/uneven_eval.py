@@ -17,7 +17,9 @@ import lightning as L
 import torch
 
 from tests.crash import TinyNetwork
+from xception_pl import trainer_parts
 from xception_pl.data import WebDatasetDataModule
+from xception_pl.ema import PolyakAveraging
 from xception_pl.module import XceptionModule
 
 
@@ -39,12 +41,11 @@ def main() -> None:
     data = WebDatasetDataModule(train=args.train, val=args.val, test=args.test, batch_size=2, num_workers=1,
                                 image_size=32, eval_resize=36)
     module = XceptionModule(num_classes=data.num_classes, train_size=data.train_size, batch_size=2,
-                            network=TinyNetwork, ema_decay=0.5,
+                            network=TinyNetwork,
                             optimizer=partial(torch.optim.SGD, lr=0.05, momentum=0.9, fused=True))
     trainer = L.Trainer(accelerator="cpu", devices=args.devices, strategy="ddp" if args.devices > 1 else "auto",
-                        max_epochs=1, default_root_dir=args.root, log_every_n_steps=1, enable_progress_bar=False,
-                        enable_model_summary=False,
-                        logger=L.pytorch.loggers.TensorBoardLogger(args.root, name="", version=""))
+                        max_epochs=1, log_every_n_steps=1, enable_progress_bar=False, enable_model_summary=False,
+                        **trainer_parts(args.root, ema=PolyakAveraging(0.5), progress_bar=False))
     out: dict[str, dict[str, float]] = {}
     ckpt = args.ckpt
     if ckpt is None:

@@ -3,7 +3,7 @@
 - `atomic_path`: every file a run writes for a user (checkpoints, exports, results) appears whole or not at all.
 - `AtomicCheckpointIO`: Lightning's checkpoint I/O through it; reads with weights_only=True; a failed write
   stops the run with CheckpointWriteError, an unreadable file is one CheckpointLoadError line with the fix.
-- `LastCheckpoint`: checkpoints/last.ckpt, the newest state; `newest_checkpoint`: what `--ckpt_path last` resumes.
+- `BestCheckpoints`: the best k by the module's main metric; `LastCheckpoint`: checkpoints/last.ckpt, the newest state; `newest_checkpoint`: what `--ckpt_path last` resumes.
 """
 
 from __future__ import annotations
@@ -139,6 +139,31 @@ def unreadable_checkpoint(path: str | os.PathLike, error: BaseException) -> str:
     return (f"checkpoint {path} is not a readable torch checkpoint (truncated, corrupt or another format: "
             f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'empty'}). Resume from another "
             "one: the best-k files in checkpoints/, or an hpc_ckpt_*.ckpt of the run directory.")
+
+
+class BestCheckpoints(ModelCheckpoint):
+    """The best `save_top_k` checkpoints by the module's `main_metric` (val/acc1, or val/map100 for multi-label
+    data), named after it: epoch=1-step=400-acc1=0.7012.ckpt. 0 keeps none (last.ckpt is still written)."""
+
+    def __init__(self, save_top_k: int = 3) -> None:
+        if save_top_k < -1:
+            raise ValueError(f"checkpoint.save_top_k={save_top_k}: give the number of best checkpoints to keep, "
+                             "0 for none or -1 for all")
+        self.save_top_k_given = save_top_k
+        super().__init__(monitor="val/acc1", mode="max", save_top_k=save_top_k, auto_insert_metric_name=False)
+
+    @property
+    def enabled(self) -> bool:
+        return self.save_top_k_given != 0
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.monitor = getattr(pl_module, "main_metric", self.monitor)  # known once the data's facts are
+        self.filename = "epoch={epoch}-step={step}-" + self.monitor.split("/")[1] + "={" + self.monitor + ":.4f}"
+        super().setup(trainer, pl_module, stage)
+
+    @property
+    def state_key(self) -> str:  # as Lightning's ModelCheckpoint named it: checkpoints written before resume
+        return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
 
 
 class LastCheckpoint(ModelCheckpoint):

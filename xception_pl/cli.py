@@ -7,12 +7,14 @@ with `--ckpt_path last` in the same directory.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import lightning as L
 import torch
+import yaml
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -22,10 +24,15 @@ from xception_pl.checkpointing import (UNREADABLE_CHECKPOINT, CheckpointLoadErro
                                        unreadable_checkpoint)
 from xception_pl.console import quiet_lightning
 from xception_pl.facts import DATA_FACTS
-from xception_pl.images import ImageGrids
 from xception_pl.hyperparameters import UNDESCRIBED
 from xception_pl.module import XceptionModule
-from xception_pl.wiring import cli_additions
+from xception_pl.wiring import CONFIGURED, trainer_parts
+
+# Keys that moved out of the model (the recipe) into the groups of their callbacks; an old config stops with the
+# new place. (Checkpoints keep them in their hyperparameters; loading one ignores them.)
+MOVED = {"model.ema_decay": "ema.decay", "model.save_top_k": "checkpoint.save_top_k",
+         "model.checkpoint_every_n_steps": "last_checkpoint.every_n_train_steps",
+         "model.freeze_backbone_samples": "freeze_backbone.samples"}
 
 
 class XceptionCLI(LightningCLI):
@@ -50,7 +57,15 @@ class XceptionCLI(LightningCLI):
         # Facts of the data (xception_pl.facts.DataFacts), typed once: in the data config (or its manifest).
         for fact in DATA_FACTS:
             parser.link_arguments(f"data.{fact}", f"model.{fact}", apply_on="instantiate")
-        parser.add_lightning_class_args(ImageGrids, "images")  # grids in TensorBoard; --images.enabled false: off
+        for group, part in CONFIGURED.items():  # callbacks with a config: --checkpoint.save_top_k 1, --ema.decay 0.999
+            parser.add_lightning_class_args(part, group)
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        moved = moved_keys(args) if args is None or isinstance(args, list) else {}
+        if moved:
+            raise SystemExit("error: " + "; ".join(f"{old} is now {new}" for old, new in moved.items())
+                             + ": rename it in the config or on the command line")
+        super().parse_arguments(parser, args)
 
     def instantiate_classes(self) -> None:
         """The data module and the model check their arguments when built: a bad value ends the run with
@@ -114,11 +129,33 @@ class XceptionCLI(LightningCLI):
             self.config = self.parser.parse_object({subcommand: {"model": taken}}, self.config)
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
-        """The trainer of the config, with what every run gets (xception_pl.wiring lists it all)."""
+        """The trainer of the config, with what every run gets: xception_pl.wiring.trainer_parts, given the
+        configured groups (so not also added as Lightning's extra callbacks)."""
         parsed, init = ((self.config[self.subcommand], self.config_init[self.subcommand]) if self.subcommand
                         else (self.config, self.config_init))
-        config_files = [str(path) for path in parsed.get("config") or []]
-        return super().instantiate_trainer(**cli_additions(init.get("trainer", {}), self.model, config_files), **kwargs)
+        trainer = {**init.get("trainer", {}), **kwargs}
+        parts = trainer_parts(trainer.get("default_root_dir") or ".", trainer.get("callbacks"),
+                              logger=trainer.get("logger"), plugins=trainer.get("plugins"),
+                              progress_bar=trainer.get("enable_progress_bar") is not False,
+                              config_files=[str(path) for path in parsed.get("config") or []],
+                              **{group: init[group] for group in CONFIGURED})
+        return self._instantiate_trainer({**trainer, **parts}, [])
+
+
+def moved_keys(args: list[str] | None) -> dict[str, str]:
+    """The MOVED keys given on the command line (sys.argv when args is None) or in a --config file."""
+    args = sys.argv[1:] if args is None else args
+    given = {arg[2:].split("=")[0] for arg in args if arg.startswith("--")}
+    files = [value for flag, value in zip(args, args[1:]) if flag in ("--config", "-c")]
+    files += [arg.split("=", 1)[1] for arg in args if arg.startswith("--config=")]
+    for file in files:
+        try:
+            config = yaml.safe_load(Path(file).read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            continue  # jsonargparse says what is wrong with it
+        model = config.get("model") if isinstance(config, dict) else None
+        given |= {f"model.{key}" for key in (model if isinstance(model, dict) else {})}
+    return {old: new for old, new in MOVED.items() if old in given}
 
 
 def plain(value: Any) -> Any:

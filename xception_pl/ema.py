@@ -16,10 +16,11 @@ class PolyakAveraging(WeightAveraging):
     `current_model_state` for resuming).
 
     Args:
-        decay: the decay per `reference_batch` samples (ours: 0.9999, TensorFlow's Inception lineage).
-        reference_batch: samples one `decay` stands for: the per-device batch, so a 1-device run averages
-            exactly with `decay` per step and a run on N devices with decay ** N per step: the horizon is
-            the same number of samples on any world size, as the lr schedule's (ours).
+        decay: the decay per `reference_batch` samples (ours: 0.9999, TensorFlow's Inception lineage); None: off
+            (`--ema.decay null`). Short runs need a smaller value (the demo's 0.9).
+        reference_batch: samples one `decay` stands for; by default the module's per-device batch, so a
+            1-device run averages exactly with `decay` per step and a run on N devices with decay ** N per step:
+            the horizon is the same number of samples on any world size, as the lr schedule's (ours).
 
     Per update, with t = samples averaged so far / reference_batch, the decay is TensorFlow's warm-up
     min(decay, (1 + t) / (10 + t)) (so an early validation is not an average of the initial weights),
@@ -29,13 +30,22 @@ class PolyakAveraging(WeightAveraging):
     average untouched: the lerp weight is multiplied by the module's device flag `step_kept`.
     """
 
-    def __init__(self, decay: float = 0.9999, reference_batch: int = 32) -> None:
-        if not 0.0 < decay < 1.0:
-            raise ValueError(f"decay={decay} must be in (0, 1)")
+    def __init__(self, decay: float | None = 0.9999, reference_batch: int | None = None) -> None:
+        if decay is not None and not 0.0 < decay < 1.0:
+            raise ValueError(f"ema.decay={decay} must be in (0, 1), or null to turn Polyak averaging off")
         super().__init__(use_buffers=True)
         self.decay, self.reference_batch = decay, reference_batch
         self.samples = 0  # averaged in so far, over all ranks
         self.updated_step = 0  # trainer.global_step of the last update
+
+    @property
+    def enabled(self) -> bool:
+        return self.decay is not None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.reference_batch is None:
+            self.reference_batch = pl_module.hparams.get("batch_size") or trainer.datamodule.batch_size
+        super().setup(trainer, pl_module, stage)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # The average starts from the weights the fit starts from. Lightning copies the module in `setup`, before

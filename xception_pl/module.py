@@ -1,4 +1,5 @@
-"""The LightningModule: the paper's losses, metrics, optimizers and Polyak averaging (sec. 4.2-4.4)."""
+"""The LightningModule, the recipe alone: network, the paper's losses, metrics, optimizers and schedules
+(sec. 4.2-4.4). What a run adds around it (checkpoints, Polyak averaging, logging) is xception_pl/wiring.py's."""
 
 from __future__ import annotations
 
@@ -24,8 +25,7 @@ from xception_pl.hyperparameters import UNDESCRIBED, log_hyperparameters, record
 from xception_pl.metrics import MeanAveragePrecisionAtK, TopLabelAccuracy
 from xception_pl.model import Xception
 from xception_pl.pretrained import load_pretrained, param_groups, scale_lrs
-from xception_pl.schedules import SampleCounts, SampleScheduleCallable
-from xception_pl.wiring import attach, module_callbacks
+from xception_pl.schedules import SampleCounts, SampleScheduleCallable, samples_per_step
 
 log = logging.getLogger(__name__)
 COUNTS = ("nonfinite_losses", "first_nonfinite_step", "first_nonfinite_batch", "skipped_steps", "fp16_overflows",
@@ -54,9 +54,6 @@ class XceptionModule(L.LightningModule):
         weight_decay: L2 rate 1e-5 (sec. 4.2) on conv and linear weights; BatchNorm parameters
             and biases are not decayed (ours). Replaces any weight_decay given to the optimizer.
         label_smoothing: single-label only; 0 as the paper.
-        ema_decay: Polyak averaging (sec. 4.2) as an exponential moving average of weights and
-            BN statistics, used for validation, test, predict and saved weights; None = off.
-            0.9999 is ours (TensorFlow Inception lineage); short runs need a smaller value.
         channels_last: NHWC memory format for the network and its inputs.
         compile: torch.compile the network.
         compile_mode: torch.compile's mode: "default", "reduce-overhead" (CUDA graphs) or "max-autotune".
@@ -64,11 +61,8 @@ class XceptionModule(L.LightningModule):
             or "skip" the batch on every rank (counted in train/skipped_nonfinite).
         map_k, map_mode, class_weights: MAP@K for multi-label data (sec. 4.4: MAP@100).
         predict_top_k: classes and probabilities returned per image by predict.
-        save_top_k: best checkpoints kept by val/acc1 (val/map100 for multi-label).
-        checkpoint_every_n_steps: also save `last.ckpt` every n optimizer steps (long epochs).
         pretrained: start a fit from these weights (xception_pl.pretrained): one of our checkpoints
             (its Polyak weights) or timm's legacy_xception file; a resumed fit ignores it.
-        freeze_backbone_samples: only the head trains for this many samples (ours; fine-tuning).
         backbone_lr_scale: the backbone's lr is the optimizer's lr times this (ours; fine-tuning).
     """
 
@@ -83,7 +77,6 @@ class XceptionModule(L.LightningModule):
         lr_scheduler: SampleScheduleCallable | None = None,
         weight_decay: float = 1e-5,
         label_smoothing: float = 0.0,
-        ema_decay: float | None = 0.9999,
         channels_last: bool = False,
         compile: bool = False,
         compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default",
@@ -92,17 +85,12 @@ class XceptionModule(L.LightningModule):
         map_mode: Literal["per_class", "per_image"] = "per_class",
         class_weights: str | None = None,
         predict_top_k: int = 5,
-        save_top_k: int = 3,
-        checkpoint_every_n_steps: int | None = None,
         pretrained: str | None = None,
-        freeze_backbone_samples: int = 0,
         backbone_lr_scale: float = 1.0,
     ) -> None:
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"num_classes={num_classes}: need at least 2 classes")
-        if ema_decay is not None and not 0.0 < ema_decay < 1.0:
-            raise ValueError(f"model.ema_decay={ema_decay} must be in (0, 1), or null to turn Polyak averaging off")
         # Under the CLI the hyperparameters are the config, callables included (class_path + init_args), so a
         # checkpoint rebuilds its network, optimizer and schedule: load_from_checkpoint(path) needs no arguments.
         # Built in Python, the callables are recorded where they can be written down (hyperparameters.py).
@@ -121,7 +109,6 @@ class XceptionModule(L.LightningModule):
             self.network.compile(mode=compile_mode)
         self.metrics = nn.ModuleDict({stage: self.build_metrics(stage) for stage in ("val", "test")})
         self.losses = nn.ModuleDict({stage: MeanMetric() for stage in ("val", "test")})
-        self.added_callbacks: set[int] = set()  # ids of those module_callbacks gave (no references: deepcopy)
         self.batchnorm_state = BatchNormState(self.network)
         self.step_kept: Tensor | None = None  # 0-dim float on the device: 0.0 if the last step was skipped
         self.loss_bad: Tensor | None = None  # bool on the device: a micro-batch of this step had a non-finite loss
@@ -159,7 +146,7 @@ class XceptionModule(L.LightningModule):
 
     @property
     def global_batch_size(self) -> int:
-        return self.hparams.batch_size * self.trainer.world_size * self.trainer.accumulate_grad_batches
+        return samples_per_step(self.trainer, self.hparams.batch_size)
 
     def forward(self, images: Tensor) -> Tensor:
         if self.hparams.channels_last:
@@ -325,11 +312,6 @@ class XceptionModule(L.LightningModule):
                                skipped_steps=lambda: int(self.counts["skipped_steps"].item()))
         scheduler = self.lr_scheduler(optimizer, samples)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    def configure_callbacks(self) -> list[L.Callback]:
-        # The CLI has added them already (then none); returned here, they would replace the user's (wiring.py)
-        attach(self.trainer, module_callbacks(self, self.trainer.callbacks))
-        return []
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.trainer.world_size > 1:

@@ -70,7 +70,7 @@ def load_pretrained(network: nn.Module, path: str | os.PathLike) -> list[str]:
 
 def backbone_parameters(network: nn.Module) -> list[nn.Parameter]:
     if not hasattr(network, "head"):
-        raise ValueError(f"{type(network).__name__} has no `head`: backbone_lr_scale and freeze_backbone_samples "
+        raise ValueError(f"{type(network).__name__} has no `head`: backbone_lr_scale and freeze_backbone.samples "
                          "need Xception's split of backbone and head")
     head = {id(p) for p in network.head.parameters()}
     return [p for p in network.parameters() if id(p) not in head]
@@ -102,8 +102,14 @@ class FreezeBackbone(L.Callback):
     before each optimizer step (so its weights, momentum and weight decay are untouched) and its BatchNorm
     layers keep their running statistics (eval mode). Counted in samples, like every schedule here."""
 
-    def __init__(self, samples: int) -> None:
+    def __init__(self, samples: int = 0) -> None:
+        if samples < 0:
+            raise ValueError(f"freeze_backbone.samples={samples} must be >= 0 (0: off)")
         self.samples = samples
+
+    @property
+    def enabled(self) -> bool:
+        return self.samples > 0
 
     def frozen(self, trainer: L.Trainer, pl_module: L.LightningModule) -> bool:
         return trainer.global_step * pl_module.global_batch_size < self.samples

@@ -17,6 +17,7 @@ import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
 
 from xception_pl.callbacks import logs_this_step
+from xception_pl.schedules import samples_per_step
 
 
 TRAIN_SHOWN = ("train/loss", "train/lr")
@@ -123,8 +124,8 @@ def per_device_batch(trainer: L.Trainer, pl_module: L.LightningModule) -> int:
 
 
 def global_batch(trainer: L.Trainer, pl_module: L.LightningModule) -> int:
-    """Samples per optimizer step over all devices: per-device batch x devices x nodes x accumulation."""
-    return per_device_batch(trainer, pl_module) * trainer.world_size * trainer.accumulate_grad_batches
+    """Samples per optimizer step over all devices (xception_pl.schedules.samples_per_step)."""
+    return samples_per_step(trainer, per_device_batch(trainer, pl_module))
 
 
 def total_steps(trainer: L.Trainer) -> int | str:

@@ -44,12 +44,15 @@ def inputs(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("inputs")
     run_config(tmp / "good.yaml", tmp / "run", data=synthetic_data(train_size=8, val_size=4, image_size=32),
                trainer={"num_sanity_val_steps": 0, "log_every_n_steps": None},  # None: Lightning's default
-               model={"network": {"class_path": "tests.crash.TinyNetwork"}, "ema_decay": None,
+               ema={"decay": None}, model={"network": {"class_path": "tests.crash.TinyNetwork"},
                       "lr_scheduler": {"class_path": "xception_pl.schedules.SampleStepDecay",
                                        "init_args": {"decay_rate": 0.5, "decay_every_samples": 8}}})
     typo = yaml.safe_load((tmp / "good.yaml").read_text())
     typo["trainer"]["max_epoch"] = typo["trainer"].pop("max_epochs")
     (tmp / "typo.yaml").write_text(yaml.safe_dump(typo))
+    typo["trainer"]["max_epochs"] = typo["trainer"].pop("max_epoch")
+    typo["model"]["save_top_k"] = 1  # where it was before the recipe was only the model's
+    (tmp / "moved.yaml").write_text(yaml.safe_dump(typo))
     (tmp / "broken.yaml").write_text("trainer: [accelerator: cpu\nmodel: {}\n")
     (tmp / "earlier" / "checkpoints").mkdir(parents=True)
     (tmp / "earlier" / "checkpoints" / "last.ckpt").write_bytes(b"")
@@ -67,6 +70,8 @@ CLI = [  # (arguments, what the user reads, "exits" with that one line | "raises
     (["fit", "--config", "{tmp}/missing.yaml"], "missing.yaml", "exits"),
     (["fit", "--config", "{tmp}/broken.yaml"], "Problems parsing config", "exits"),
     (["fit", "--config", "{tmp}/typo.yaml"], "does not accept option 'trainer.max_epoch'", "exits"),
+    (["fit", "--config", "{tmp}/moved.yaml"], "model.save_top_k is now checkpoint.save_top_k", "exits"),
+    (["fit", "--config", "{good}", "--model.ema_decay=0.9"], "model.ema_decay is now ema.decay", "exits"),
     (["fitt", "--config", "{good}"], "invalid choice: 'fitt' (choose from 'fit', 'validate', 'test', 'predict')",
      "exits"),
     (["fit", "--config", "{good}", "--trainer.max_epochs", "two"], 'Parser key "trainer.max_epochs"', "exits"),
@@ -76,8 +81,8 @@ CLI = [  # (arguments, what the user reads, "exits" with that one line | "raises
      "NoSuchOptimizer", "exits"),
     (["fit", "--config", "{good}", "--data.class_path", "xception_pl.data.NoSuchData"],
      "has no attribute 'NoSuchData'", "exits"),
-    (["fit", "--config", "{good}", "--model.ema_decay", "1.5"],
-     "model.ema_decay=1.5 must be in (0, 1), or null to turn Polyak averaging off", "exits"),
+    (["fit", "--config", "{good}", "--ema.decay", "1.5"],
+     "ema.decay=1.5 must be in (0, 1), or null to turn Polyak averaging off", "exits"),
     (["fit", "--config", "{good}", "--data.init_args.num_classes", "1"], "num_classes=1: need at least 2 classes",
      "exits"),
     (["fit", "--config", "{good}", "--data.init_args.multilabel", "true", "--model.class_weights", "{tmp}/w.json"],
@@ -137,7 +142,7 @@ def test_command_line(args, message, outcome, inputs, capsys):
 @pytest.mark.parametrize("override, message", [
     (["--model.optimizer.class_path", "torch.optim.NoSuchOptimizer"], "NoSuchOptimizer"),
     (["--model.optimizer.init_args.lr", "-0.1"], "Invalid learning rate: -0.1"),
-    (["--model.ema_decay", "1.5"], "model.ema_decay=1.5 must be in (0, 1)"),
+    (["--ema.decay", "1.5"], "ema.decay=1.5 must be in (0, 1)"),
     (["--data.init_args.num_classes", "1"], "num_classes=1: need at least 2 classes"),
 ])
 def test_bad_configs_stop_before_training_with_a_message(tmp_path, override, message):

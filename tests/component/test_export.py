@@ -26,8 +26,8 @@ def checkpoint(tmp_path_factory) -> Path:
           "--trainer.enable_progress_bar", "false", "--trainer.max_steps", "2", "--trainer.default_root_dir", str(root),
           "--data.init_args.train", str(root / "train"), "--data.init_args.val", str(root / "val"),
           "--data.init_args.batch_size", "2", "--data.init_args.num_workers", "0", "--data.init_args.image_size", "71",
-          "--data.init_args.eval_resize", "80", "--model.pretrained", "null", "--model.freeze_backbone_samples", "0",
-          "--model.ema_decay", "0.5"])
+          "--data.init_args.eval_resize", "80", "--model.pretrained", "null", "--freeze_backbone.samples", "0",
+          "--ema.decay", "0.5"])
     return root / "checkpoints" / "last.ckpt"
 
 

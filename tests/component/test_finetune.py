@@ -12,6 +12,7 @@ from tests.data_helpers import shards
 from tests.helpers import tiny_data, tiny_module, tiny_trainer
 from xception_pl.__main__ import main
 from xception_pl.data import make_demo_data
+from xception_pl.pretrained import FreezeBackbone
 from xception_pl.module import XceptionModule
 from xception_pl.pretrained import network_state, param_groups, scale_lrs
 from xception_pl.timm_weights import timm_to_ours
@@ -25,7 +26,7 @@ def fit(run: Path, data: Path, *extra: str) -> dict:
           "--trainer.max_steps", "2", "--trainer.default_root_dir", str(run), "--trainer.enable_progress_bar", "false",
           "--data.init_args.train", str(data / "train"), "--data.init_args.val", str(data / "val"),
           "--data.init_args.batch_size", "4", "--data.init_args.num_workers", "0", "--data.init_args.image_size", "71",
-          "--data.init_args.eval_resize", "80", "--model.ema_decay", "0.5", *extra])
+          "--data.init_args.eval_resize", "80", "--ema.decay", "0.5", *extra])
     return torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
 
 
@@ -43,7 +44,7 @@ def test_timm_weights_load_exactly_and_the_classifier_is_new(tmp_path, timm_file
     shards(data, "train", classes=3, per_class=4, shard_size=4)
     shards(data, "val", classes=3, per_class=1, shard_size=4)
     ckpt = fit(tmp_path / "run", data, "--model.pretrained", str(timm_file),
-               "--model.freeze_backbone_samples", "1000000")  # the backbone stays as loaded for the whole run
+               "--freeze_backbone.samples", "1000000")  # the backbone stays as loaded for the whole run
 
     raw, polyak = ckpt["current_model_state"], ckpt["state_dict"]
     timm_state = torch.load(timm_file, weights_only=True)
@@ -60,7 +61,7 @@ def test_our_checkpoint_starts_a_fit_on_ten_classes_from_its_polyak_weights(tmp_
     source = tmp_path / "three"
     shards(source, "train", classes=3, per_class=4, shard_size=4)
     shards(source, "val", classes=3, per_class=1, shard_size=4)
-    first = fit(tmp_path / "run1", source, "--model.pretrained", str(timm_file), "--model.freeze_backbone_samples", "0")
+    first = fit(tmp_path / "run1", source, "--model.pretrained", str(timm_file), "--freeze_backbone.samples", "0")
     # Polyak and raw weights differ after training; mark the Polyak copy so loading the raw one would show
     first["state_dict"]["network.entry_flow.0.conv.weight"] += 0.5
     torch.save(first, tmp_path / "source.ckpt")
@@ -68,7 +69,7 @@ def test_our_checkpoint_starts_a_fit_on_ten_classes_from_its_polyak_weights(tmp_
     ten = make_demo_data(str(tmp_path / "demo"), num_classes=10, train_images_per_class=2, val_images_per_class=1,
                          source_size=71)
     second = fit(tmp_path / "run2", ten, "--model.pretrained", str(tmp_path / "source.ckpt"),
-                 "--model.freeze_backbone_samples", "8", "--trainer.max_steps", "2")
+                 "--freeze_backbone.samples", "8", "--trainer.max_steps", "2")
     raw = second["current_model_state"]
     assert raw["network.head.fc.weight"].shape == (10, 2048) and second["hyper_parameters"]["num_classes"] == 10
     loaded = {k: v for k, v in first["state_dict"].items() if k.startswith("network.") and ".head." not in k}
@@ -127,7 +128,7 @@ def test_backbone_is_frozen_for_its_samples_then_trains(tmp_path):
     from tests.helpers import tiny_data, tiny_module, tiny_trainer
 
     data = tiny_data(batch_size=4)
-    module = tiny_module(data, freeze_backbone_samples=8)  # two steps of 4 samples frozen, then free
+    module = tiny_module(data)
     snapshots = []
 
     class Snapshot(L.Callback):
@@ -135,7 +136,9 @@ def test_backbone_is_frozen_for_its_samples_then_trains(tmp_path):
             snapshots.append({k: v.clone() for k, v in pl_module.network.state_dict().items()})
 
     start = {k: v.clone() for k, v in module.network.state_dict().items()}
-    tiny_trainer(tmp_path, max_steps=3, callbacks=[Snapshot()], limit_val_batches=0).fit(module, data)
+    frozen = FreezeBackbone(samples=8)  # two steps of 4 samples frozen, then free
+    tiny_trainer(tmp_path, max_steps=3, callbacks=[Snapshot()], parts={"freeze_backbone": frozen},
+                 limit_val_batches=0).fit(module, data)
     backbone = [k for k in start if not k.startswith("head.")]
     for frozen in snapshots[:2]:  # weights and BatchNorm statistics untouched; the head learns
         assert all(torch.equal(frozen[k], start[k]) for k in backbone)

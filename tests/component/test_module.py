@@ -41,8 +41,8 @@ class WeightRecorder(L.Callback):
 
 def test_validation_uses_polyak_averaged_weights(tmp_path):
     data, recorder = tiny_data(), WeightRecorder()
-    module = tiny_module(data, ema_decay=0.5)
-    tiny_trainer(tmp_path, callbacks=[recorder]).fit(module, data)
+    module = tiny_module(data)
+    tiny_trainer(tmp_path, ema=0.5, callbacks=[recorder]).fit(module, data)
     assert len(recorder.trained) == 4 and len(recorder.validated) == 1
     expected = recorder.initial  # then TensorFlow's warm-up: decay min(0.5, (1 + t) / (10 + t)) at step t
     for t, weights in enumerate(recorder.trained):
@@ -57,7 +57,7 @@ def test_validation_uses_polyak_averaged_weights(tmp_path):
 
 
 def test_multilabel_loss_is_sigmoid_cross_entropy_summed_over_classes():
-    module = XceptionModule(num_classes=4, multilabel=True, ema_decay=None)
+    module = XceptionModule(num_classes=4, multilabel=True)
     logits = torch.tensor([[2.0, -1.0, 0.0, 0.5], [0.0, 0.0, 3.0, -2.0]])
     target = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.0, 1.0, 1.0, 0.0]])
     p = logits.sigmoid()
@@ -67,16 +67,16 @@ def test_multilabel_loss_is_sigmoid_cross_entropy_summed_over_classes():
 
 def test_label_smoothing_is_off_by_default():
     logits, target = torch.randn(3, 5), torch.tensor([0, 3, 4])
-    module = XceptionModule(num_classes=5, ema_decay=None)
+    module = XceptionModule(num_classes=5)
     torch.testing.assert_close(module.loss(logits, target), nn.functional.cross_entropy(logits, target))
-    smoothed = XceptionModule(num_classes=5, ema_decay=None, label_smoothing=0.1)
+    smoothed = XceptionModule(num_classes=5, label_smoothing=0.1)
     assert smoothed.loss(logits, target) != module.loss(logits, target)
 
 
 def test_predict_returns_top5_classes_and_probabilities(tmp_path):
     data = tiny_data()
-    module = tiny_module(data, ema_decay=None)
-    batches = tiny_trainer(tmp_path).predict(module, data)
+    module = tiny_module(data)
+    batches = tiny_trainer(tmp_path, ema=None).predict(module, data)
     first = batches[0]
     assert first["classes"].shape == first["probs"].shape == (4, 5)
     assert (first["probs"][:, :-1] >= first["probs"][:, 1:]).all()  # sorted, most likely first
@@ -88,7 +88,7 @@ def test_predict_returns_top5_classes_and_probabilities(tmp_path):
 
 def test_inception_v3_is_a_selectable_backbone():
     """The paper's baseline (sec. 4.3): torchvision's Inception V3 without the auxiliary tower."""
-    module = XceptionModule(num_classes=1000, network=InceptionV3, ema_decay=None)
+    module = XceptionModule(num_classes=1000, network=InceptionV3)
     assert sum(p.numel() for p in module.network.parameters()) == 23_834_568
     assert module.network.AuxLogits is None
     module.eval()

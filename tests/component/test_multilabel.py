@@ -19,7 +19,7 @@ def test_multilabel_fit_raises_map100_above_its_initial_value(tmp_path):
     assert data.multilabel and data.num_classes == 4
     module = XceptionModule(
         num_classes=data.num_classes, multilabel=True, train_size=data.train_size, batch_size=data.batch_size,
-        ema_decay=0.5, network=lambda n: __import__("xception_pl").Xception(n, bn_momentum=0.3),
+        network=lambda n: __import__("xception_pl").Xception(n, bn_momentum=0.3),
         optimizer=lambda params: torch.optim.SGD(params, lr=0.02, momentum=0.9),
         lr_scheduler=lambda opt, samples: SampleStepDecay(opt, samples, decay_rate=0.9, decay_every_samples=3_000_000),  # sec. 4.2
     )

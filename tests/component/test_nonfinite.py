@@ -10,11 +10,12 @@ import torch
 
 from tests.crash import TinyNetwork
 from tests.helpers import Recorder, changed, fp16_on_cpu, fused_sgd, tiny_data, tiny_module, tiny_trainer
+from xception_pl.checkpointing import LastCheckpoint
 
 
 def test_a_non_finite_loss_stops_with_the_step_and_the_fix(tmp_path):
     data = tiny_data(image_size=32)
-    module = tiny_module(data, network=TinyNetwork, ema_decay=None)
+    module = tiny_module(data, network=TinyNetwork)
     module.network.fc.bias.data[0] = float("nan")
     with pytest.raises(FloatingPointError, match=r"at global step 0 \(batch 0 of its epoch\); that step and any after "
                                                  r"it were skipped, so the weights and the last checkpoint are intact\. "
@@ -24,7 +25,7 @@ def test_a_non_finite_loss_stops_with_the_step_and_the_fix(tmp_path):
 
 def test_nonfinite_loss_stops_with_the_step_and_batch(tmp_path):
     data = tiny_data()
-    module = tiny_module(data, ema_decay=None)
+    module = tiny_module(data)
     module.network.head.fc.bias.data[0] = float("nan")
     with pytest.raises(FloatingPointError, match=r"non-finite training loss at global step 0 \(batch 0 of its epoch\)"):
         tiny_trainer(tmp_path).fit(module, data)
@@ -32,7 +33,7 @@ def test_nonfinite_loss_stops_with_the_step_and_batch(tmp_path):
 
 def test_nonfinite_loss_can_skip_the_batch(tmp_path):
     data = tiny_data()
-    module = tiny_module(data, ema_decay=None, nonfinite_loss="skip")
+    module = tiny_module(data, nonfinite_loss="skip")
     poisoned, weights = {1, 2}, {}
 
     class Poison(L.Callback):
@@ -44,7 +45,7 @@ def test_nonfinite_loss_can_skip_the_batch(tmp_path):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             weights[f"after {batch_idx}"] = pl_module.network.head.fc.weight.detach().clone()
 
-    trainer = tiny_trainer(tmp_path, callbacks=[Poison()], limit_val_batches=0)
+    trainer = tiny_trainer(tmp_path, ema=None, callbacks=[Poison()], limit_val_batches=0)
     trainer.fit(module, data)
     assert trainer.callback_metrics["train/skipped_nonfinite"] == len(poisoned)
     # skipped batches leave the weights untouched (no step, no momentum); the others move them
@@ -69,9 +70,10 @@ class PoisonFrom(L.Callback):
 
 def test_a_stop_on_a_non_finite_loss_keeps_the_last_good_checkpoint(tmp_path):
     data, poison = tiny_data(), PoisonFrom(at=3)
-    module = tiny_module(data, network=TinyNetwork, checkpoint_every_n_steps=1)  # last.ckpt every step; EMA on
+    module = tiny_module(data, network=TinyNetwork)
+    every_step = {"last_checkpoint": LastCheckpoint(every_n_train_steps=1)}  # last.ckpt every step; EMA on
     with pytest.raises(FloatingPointError, match="non-finite training loss at global step 3"):
-        tiny_trainer(tmp_path, callbacks=[poison], limit_val_batches=0).fit(module, data)
+        tiny_trainer(tmp_path, callbacks=[poison], parts=every_step, limit_val_batches=0).fit(module, data)
     last = tmp_path / "checkpoints" / "last.ckpt"
     assert last.read_bytes() == poison.last_before  # untouched by the failed step
     checkpoint = torch.load(last, weights_only=True)
@@ -82,8 +84,8 @@ def test_a_stop_on_a_non_finite_loss_keeps_the_last_good_checkpoint(tmp_path):
 
 def test_with_accumulation_every_micro_batch_loss_is_checked(tmp_path):
     data = tiny_data(image_size=32)
-    module, recorder = tiny_module(data, network=TinyNetwork, ema_decay=None, nonfinite_loss="skip", **fused_sgd), Recorder(poison={0})
-    trainer = tiny_trainer(tmp_path, accumulate_grad_batches=2, limit_val_batches=0, plugins=[fp16_on_cpu()],
+    module, recorder = tiny_module(data, network=TinyNetwork, nonfinite_loss="skip", **fused_sgd), Recorder(poison={0})
+    trainer = tiny_trainer(tmp_path, ema=None, accumulate_grad_batches=2, limit_val_batches=0, plugins=[fp16_on_cpu()],
                            callbacks=[recorder])
     trainer.fit(module, data)
     # micro-batch 0 (not the last of its step) was bad: the whole first step changed nothing
@@ -99,8 +101,8 @@ def test_with_accumulation_every_micro_batch_loss_is_checked(tmp_path):
 ])
 def test_a_skipped_batch_leaves_no_trace(tmp_path, optimizer):
     data = tiny_data(image_size=32)
-    module, recorder = tiny_module(data, network=TinyNetwork, ema_decay=0.5, nonfinite_loss="skip", optimizer=optimizer), Recorder({1})
-    trainer = tiny_trainer(tmp_path, limit_val_batches=0, callbacks=[recorder])
+    module, recorder = tiny_module(data, network=TinyNetwork, nonfinite_loss="skip", optimizer=optimizer), Recorder({1})
+    trainer = tiny_trainer(tmp_path, ema=0.5, limit_val_batches=0, callbacks=[recorder])
     trainer.fit(module, data)
     before, after = recorder.states["before 1"], recorder.states["after 1"]
     # weights, BatchNorm statistics (and their counter), the Polyak copy, the lr: untouched by batch 1
@@ -133,9 +135,9 @@ def test_the_skip_counts_go_on_after_a_resume(tmp_path):
     from tests.helpers import scalars
 
     data = tiny_data(image_size=32)  # 4 batches an epoch
-    module = lambda: tiny_module(data, network=TinyNetwork, ema_decay=None, nonfinite_loss="skip")  # noqa: E731
-    tiny_trainer(tmp_path, max_steps=2, limit_val_batches=0, callbacks=[PoisonAndSkip({1})]).fit(module(), data)
-    resumed = tiny_trainer(tmp_path, max_epochs=2, limit_val_batches=0, callbacks=[PoisonAndSkip(set())])
+    module = lambda: tiny_module(data, network=TinyNetwork, nonfinite_loss="skip")  # noqa: E731
+    tiny_trainer(tmp_path, ema=None, max_steps=2, limit_val_batches=0, callbacks=[PoisonAndSkip({1})]).fit(module(), data)
+    resumed = tiny_trainer(tmp_path, ema=None, max_epochs=2, limit_val_batches=0, callbacks=[PoisonAndSkip(set())])
     resumed.fit(module(), data, ckpt_path=tmp_path / "checkpoints" / "last.ckpt")
     curves = scalars(tmp_path)
     assert [v for step, v in curves["train/skipped_nonfinite"] if step >= 2] == [1.0] * 4  # step 1's, kept

@@ -29,7 +29,7 @@ def trained(tmp_path_factory) -> Path:
     shards(root, "val", classes=3, per_class=1, shard_size=4)
     main(["fit", "--config", CONFIG, *DATA, "--trainer.max_steps", "1", "--trainer.default_root_dir", str(root),
           "--data.init_args.train", str(root / "train"), "--data.init_args.val", str(root / "val"),
-          "--model.freeze_backbone_samples", "0", "--model.ema_decay", "0.5"])
+          "--freeze_backbone.samples", "0", "--ema.decay", "0.5"])
     return root
 
 

@@ -33,8 +33,8 @@ from xception_pl.schedules import SampleCounts
 
 def test_fp16_mixed_precision_updates_the_weights_and_the_loss_falls(tmp_path):
     data = tiny_data(train_size=8, num_classes=2, image_size=32)  # 2 batches an epoch, seen again and again
-    module, recorder = tiny_module(data, network=TinyNetwork, ema_decay=None, **fused_sgd), Recorder()
-    trainer = tiny_trainer(tmp_path, max_epochs=6, limit_val_batches=0, plugins=[fp16_on_cpu()], callbacks=[recorder])
+    module, recorder = tiny_module(data, network=TinyNetwork, **fused_sgd), Recorder()
+    trainer = tiny_trainer(tmp_path, ema=None, max_epochs=6, limit_val_batches=0, plugins=[fp16_on_cpu()], callbacks=[recorder])
     trainer.fit(module, data)
     weights = [k for k in recorder.states["before 0"]["network"] if "running" not in k and "num_batches" not in k]
     moved = changed({k: recorder.states["before 0"]["network"][k] for k in weights},
@@ -52,9 +52,9 @@ def test_fp16_mixed_precision_updates_the_weights_and_the_loss_falls(tmp_path):
 ], ids=["sgd", "fused-sgd", "adamw", "timm-rmsproptf", "rmsproptf"])
 def test_fp16_with_any_optimizer_lowers_an_overflowing_loss_scale_and_then_learns(tmp_path, optimizer):
     data = tiny_data(train_size=8, num_classes=2, image_size=32)
-    module = tiny_module(data, network=TinyNetwork, ema_decay=None, optimizer=optimizer, lr_scheduler=None)
+    module = tiny_module(data, network=TinyNetwork, optimizer=optimizer, lr_scheduler=None)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**30)  # loss x 2^30 overflows fp16 in backward
-    trainer = tiny_trainer(tmp_path, max_epochs=10, limit_val_batches=0,
+    trainer = tiny_trainer(tmp_path, ema=None, max_epochs=10, limit_val_batches=0,
                            plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
     before = {k: v.clone() for k, v in module.network.named_parameters()}
     trainer.fit(module, data)
@@ -180,11 +180,11 @@ def test_a_trainer_built_in_python_keeps_each_kind_of_the_users_callbacks(tmp_pa
     mine = [ModelCheckpoint(dirpath=tmp_path / "mine", monitor="val/acc1", mode="max", save_last=save_last),
             ThroughputMonitor(batch_size_fn=lambda batch: len(batch["image"])), EMAWeightAveraging(),
             PerClassMetrics(output=str(tmp_path / "per_class.json")), FreezeBackbone(samples=4)]
-    trainer = tiny_trainer(tmp_path / "run", callbacks=list(mine))
-    trainer.fit(tiny_module(data, freeze_backbone_samples=4), data)
+    trainer = tiny_trainer(tmp_path / "run", callbacks=list(mine), parts={"freeze_backbone": FreezeBackbone(4)})
+    trainer.fit(tiny_module(data), data)
     assert all(any(c is m for c in trainer.callbacks) for m in mine)  # every instance of the user's survived
     kinds = [type(c).__name__ for c in trainer.callbacks]
-    assert not {"ImagesPerSecond", "PolyakAveraging"} & set(kinds) and kinds.count("FreezeBackbone") == 1
+    assert not {"ImagesPerSecond", "PolyakAveraging", "BestCheckpoints"} & set(kinds) and kinds.count("FreezeBackbone") == 1
     assert kinds.count("PerClassMetrics") == 1 and kinds.count("ModelCheckpoint") == 1
     assert ("LastCheckpoint" in kinds) != save_last  # ours writes last.ckpt unless theirs does
     written = {p.name for p in (tmp_path / "mine").iterdir()}

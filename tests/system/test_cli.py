@@ -56,7 +56,7 @@ def test_print_config_shows_the_linked_recipe(tmp_path):
 def test_an_override_reaches_interpolated_values(tmp_path):
     """parser_mode omegaconf+: ${...} resolves after command-line overrides are merged."""
     config = run_config(tmp_path / "c.yaml", tmp_path / "run",  # relative: works under any subcommand
-                        model={"checkpoint_every_n_steps": "${..trainer.log_every_n_steps}"})
+                        last_checkpoint={"every_n_train_steps": "${..trainer.log_every_n_steps}"})
     result = run_module("fit", "--config", str(config), "--trainer.log_every_n_steps", "7", "--print_config")
     assert result.returncode == 0, result.stderr
-    assert yaml.safe_load(result.stdout)["model"]["checkpoint_every_n_steps"] == 7
+    assert yaml.safe_load(result.stdout)["last_checkpoint"]["every_n_train_steps"] == 7

@@ -26,7 +26,7 @@ def run_cli(tmp_path: Path, subcommand: str, name: str, devices: int, *args: str
                                   "num_workers": 1}}
     config = {"trainer": {"accelerator": "cpu", "devices": devices, "strategy": "ddp" if devices > 1 else "auto",
                           "default_root_dir": str(run), "enable_progress_bar": False},
-              "data": data, "model": {"ema_decay": None, **(model or {})}}
+              "data": data, "model": model or {}, "ema": {"decay": None}}
     (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(config))
     result = subprocess.run([sys.executable, "-m", "xception_pl", subcommand, "--config", str(tmp_path / f"{name}.yaml"),
                              *args], cwd=ROOT, capture_output=True, text=True, timeout=300)

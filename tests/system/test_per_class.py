@@ -29,7 +29,7 @@ def test_validation_logs_per_class_accuracy_and_a_confusion_matrix_and_validate_
     shards(tmp_path, "val", classes=3, per_class=3, shard_size=2)  # 9 images, 3 per class
     data = ["--data.init_args.train", str(tmp_path / "train"), "--data.init_args.val", str(tmp_path / "val")]
     main(["fit", *ARGS, *data, "--trainer.max_epochs", "1", "--trainer.default_root_dir", str(tmp_path / "run"),
-          "--model.freeze_backbone_samples", "0", "--model.ema_decay", "0.5", "--trainer.log_every_n_steps", "1"])
+          "--freeze_backbone.samples", "0", "--ema.decay", "0.5", "--trainer.log_every_n_steps", "1"])
 
     logged = scalars(tmp_path / "run")
     per_class = [logged[f"val_per_class/acc1/c{i}"][-1][1] for i in range(3)]
@@ -77,7 +77,7 @@ def nearest_centroid_checkpoint(tmp_path: Path) -> tuple[Path, list[float]]:
                                 val_images_per_class=7, source_size=80, image_size=71, eval_resize=75,
                                 batch_size=4, num_workers=0)  # the data of tests.system.test_ddp.run_cli
     datamodule.setup("validate")
-    module = XceptionModule(num_classes=3, ema_decay=None).eval()
+    module = XceptionModule(num_classes=3).eval()
     with torch.no_grad():
         batches = [datamodule.on_after_batch_transfer(b, 0) for b in datamodule.val_dataloader()]
         features = torch.cat([module.network.forward_head(module.network.forward_features(b["image"]), True)

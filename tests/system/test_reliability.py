@@ -22,7 +22,7 @@ from tests.crash import HOOKS, TinyNetwork, run_cli
 from tests.helpers import IMAGE, run_config, scalars, tiny_data, tiny_module, tiny_trainer
 from tests.data_helpers import shards
 from xception_pl import checkpointing
-from xception_pl.checkpointing import AtomicCheckpointIO, newest_checkpoint
+from xception_pl.checkpointing import AtomicCheckpointIO, BestCheckpoints, newest_checkpoint
 from xception_pl.cli import main
 from xception_pl.data import WebDatasetDataModule, make_demo_data
 from xception_pl.module import XceptionModule
@@ -44,7 +44,8 @@ def fit_config(path: Path, run: Path, demo_root: Path, network: str = "tests.cra
     return run_config(
         path, run, seed_everything=0,
         trainer={"max_epochs": EPOCHS, "num_sanity_val_steps": 0, "val_check_interval": 3, **trainer},
-        model={"network": {"class_path": network}, "save_top_k": 2, "checkpoint_every_n_steps": checkpoint_every_n_steps},
+        model={"network": {"class_path": network}}, checkpoint={"save_top_k": 2},
+        last_checkpoint={"every_n_train_steps": checkpoint_every_n_steps},
         data={"class_path": "xception_pl.data.DemoDataModule",
               "init_args": {"root": str(demo_root), "num_classes": 3, "train_images_per_class": 8,
                             "val_images_per_class": 4, "source_size": 32, "batch_size": 4, "num_workers": 0,
@@ -227,7 +228,7 @@ def test_same_seed_and_config_give_the_same_loss_curve_to_the_last_digit(tmp_pat
     for name in ("first", "second"):
         config = fit_config(tmp_path / f"{name}.yaml", tmp_path / name, demo_root, network="xception_pl.Xception",
                             max_steps=3)  # (data workers draw the same streams: tests/component/test_data_pipeline.py)
-        main(["fit", "--config", str(config), "--model.checkpoint_every_n_steps", "null", "--model.save_top_k", "0"])
+        main(["fit", "--config", str(config), "--last_checkpoint.every_n_train_steps", "null", "--checkpoint.save_top_k", "0"])
         logged = scalars(tmp_path / name)
         curves.append({tag: logged[tag] for tag in ("train/loss", "train/lr", "val/loss", "val/acc1")})
     assert len({loss for _, loss in curves[0]["train/loss"]}) == 3
@@ -293,9 +294,9 @@ def test_best_k_bookkeeping_survives_a_restart(tmp_path):
     data = tiny_data(train_size=4)  # one step per epoch
 
     def fit(epochs: int, ckpt_path: str | None = None, probe: L.Callback | None = None) -> ModelCheckpoint:
-        module = ScriptedScore(num_classes=6, train_size=4, batch_size=4, network=TinyNetwork, save_top_k=2,
-                               ema_decay=None)
-        trainer = tiny_trainer(tmp_path, max_epochs=epochs, callbacks=[probe] if probe else [])
+        module = ScriptedScore(num_classes=6, train_size=4, batch_size=4, network=TinyNetwork)
+        trainer = tiny_trainer(tmp_path, ema=None, max_epochs=epochs, callbacks=[probe] if probe else [],
+                               parts={"checkpoint": BestCheckpoints(save_top_k=2)})
         trainer.fit(module, data, ckpt_path=ckpt_path)
         return trainer.checkpoint_callback
 

@@ -104,7 +104,7 @@ def resumable_fit(tmp_path: Path, devices: int, *extra: str) -> subprocess.Compl
                "--data.init_args.val_images_per_class", "1", "--data.init_args.source_size", "40",
                "--data.init_args.image_size", "32", "--data.init_args.eval_resize", "36",
                "--data.init_args.batch_size", "2", "--data.init_args.num_workers", "1",
-               "--model.network", "tests.crash.TinyNetwork", "--model.checkpoint_every_n_steps", "4",
+               "--model.network", "tests.crash.TinyNetwork", "--last_checkpoint.every_n_train_steps", "4",
                "--trainer.accelerator", "cpu", "--trainer.devices", str(devices),
                "--trainer.strategy", "ddp" if devices > 1 else "auto", "--trainer.max_epochs", "1",
                "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",

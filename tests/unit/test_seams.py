@@ -99,14 +99,6 @@ def test_callbacks_py_validate_at_end_relies_on_the_epoch_loop_validating_when_t
     assert "if self.trainer.should_stop and self.trainer.fit_loop._can_stop_early:" in check
 
 
-def test_wiring_py_attaches_callbacks_in_configure_callbacks_before_lightning_reads_the_trainers_list():
-    from lightning.pytorch.trainer.connectors.callback_connector import _CallbackConnector
-
-    attach = source(_CallbackConnector._attach_model_callbacks)
-    assert attach.index('"configure_callbacks"') < attach.index("trainer.callbacks")
-    assert "if not model_callbacks:\n            return" in attach  # returning none leaves the list as attached
-
-
 def test_hyperparameters_py_records_lightning_clis_own_instantiator_which_loading_allows():
     from lightning.pytorch.core.saving import _ALLOWED_INSTANTIATORS
 
