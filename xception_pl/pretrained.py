@@ -19,10 +19,10 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
+from xception_pl.backbone import head_prefix
 from xception_pl.checkpointing import CheckpointLoadError
 from xception_pl.timm_weights import read_state_dict, timm_to_ours
 
-HEAD = "head."  # the classifier (and optional FC layers) of Xception: may be re-initialised
 TIMM_KEYS = ("block1.", "conv1.weight")  # names only timm's legacy_xception uses
 
 
@@ -50,7 +50,8 @@ def load_pretrained(network: nn.Module, path: str | os.PathLike) -> list[str]:
     misshaped = {k for k in ours.keys() & state.keys() if state[k].shape != ours[k].shape}
     missing = {k for k in ours.keys() - state.keys() if not k.endswith("num_batches_tracked")}
     unexpected = state.keys() - ours.keys()
-    fatal = {name: sorted(k for k in keys if not k.startswith(HEAD))
+    head = head_prefix(network)  # the classifier (and any FC layers): may be freshly initialised
+    fatal = {name: sorted(k for k in keys if not k.startswith(head))
              for name, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))}
     if any(fatal.values()):
         found = "; ".join(f"{len(keys)} {name}: {', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''}"
@@ -69,9 +70,7 @@ def load_pretrained(network: nn.Module, path: str | os.PathLike) -> list[str]:
 
 
 def backbone_parameters(network: nn.Module) -> list[nn.Parameter]:
-    if not hasattr(network, "head"):
-        raise ValueError(f"{type(network).__name__} has no `head`: backbone_lr_scale and freeze_backbone.samples "
-                         "need Xception's split of backbone and head")
+    head_prefix(network)  # or the error that says what is missing
     head = {id(p) for p in network.head.parameters()}
     return [p for p in network.parameters() if id(p) not in head]
 
@@ -116,8 +115,9 @@ class FreezeBackbone(L.Callback):
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         frozen = self.frozen(trainer, pl_module)
+        head = head_prefix(pl_module.network)
         for name, module in pl_module.network.named_modules():
-            if isinstance(getattr(module, "running_mean", None), Tensor) and not name.startswith(HEAD):
+            if isinstance(getattr(module, "running_mean", None), Tensor) and not (name + ".").startswith(head):
                 module.train(not frozen)  # a BatchNorm: its running statistics (buffers) stay as they are
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:

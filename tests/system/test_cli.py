@@ -1,11 +1,13 @@
 """The command line end to end: LightningCLI, configs, TensorBoard files, checkpoints, resume. (Bad configs and
 command lines: tests/component/test_bad_inputs.py.)"""
 
+import math
+
 import pytest
 import torch
 import yaml
 
-from tests.helpers import run_config, run_module, scalars
+from tests.helpers import run_config, run_module, scalars, synthetic_data
 from xception_pl.cli import main
 
 
@@ -22,6 +24,26 @@ def test_fit_writes_checkpoints_config_and_tensorboard_scalars(tmp_path):
     # lr halves every 12 samples = 3 steps of 4 (sec. 4.2's staircase, in samples)
     assert [round(v, 6) for _, v in logged["train/lr"]] == [0.01, 0.01, 0.01, 0.005]
     assert logged["train/global_batch_size"] == [(0, 4.0)]
+
+
+def test_a_config_names_a_timm_network_a_torch_schedule_and_the_runs_parts(tmp_path):
+    """The parts a user plugs in, by name: timm's resnet10t through TimmNetwork, torch's CosineAnnealingLR counted
+    in samples through TorchShape, and the run's own groups (best k, last.ckpt, Polyak averaging)."""
+    run = tmp_path / "run"
+    cosine = {"class_path": "xception_pl.schedules.TorchShape",
+              "init_args": {"shape": {"class_path": "torch.optim.lr_scheduler.CosineAnnealingLR",
+                                      "init_args": {"T_max": 16, "eta_min": 0.0}}}}  # 16 samples: 4 steps of 4
+    config = run_config(tmp_path / "c.yaml", run, checkpoint={"save_top_k": 0}, ema={"decay": None},
+                        last_checkpoint={"every_n_train_steps": 1},
+                        data={**synthetic_data(image_size=32)},
+                        model={"network": {"class_path": "xception_pl.backbone.TimmNetwork",
+                                           "init_args": {"model_name": "resnet10t"}}, "lr_scheduler": cosine})
+    main(["fit", "--config", str(config)])
+    lrs = [v for _, v in scalars(run)["train/lr"]]
+    assert lrs == pytest.approx([0.01 * (1 + math.cos(math.pi * 4 * step / 16)) / 2 for step in range(4)])
+    assert {p.name for p in (run / "checkpoints").iterdir()} == {"last.ckpt"}  # no best k, none averaged
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert "current_model_state" not in checkpoint and any(k.startswith("network.body.") for k in checkpoint["state_dict"])
 
 
 def test_resume_from_last_continues_step_count_and_lr(tmp_path):
