@@ -29,14 +29,14 @@ def tiny_data(**kwargs: Any) -> SyntheticDataModule:
                                   "image_size": IMAGE, **kwargs})
 
 
-def tiny_module(data: SyntheticDataModule, **kwargs: Any) -> XceptionModule:
+def tiny_module(data: SyntheticDataModule, cls: type[XceptionModule] = XceptionModule, **kwargs: Any) -> XceptionModule:
     defaults = dict(
         num_classes=data.num_classes, multilabel=data.multilabel, train_size=data.train_size,
         batch_size=data.batch_size,
         optimizer=lambda params: torch.optim.SGD(params, lr=0.01, momentum=0.9),
         lr_scheduler=lambda opt, samples: SampleStepDecay(opt, samples, decay_rate=0.5, decay_every_samples=8),
     )
-    return XceptionModule(**{**defaults, **kwargs})
+    return cls(**{**defaults, **kwargs})
 
 
 def tiny_trainer(root: Path, *, ema: float | None = 0.5, parts: dict[str, Any] | None = None,

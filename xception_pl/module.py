@@ -112,6 +112,7 @@ class XceptionModule(L.LightningModule):
         self.batchnorm_state = BatchNormState(self.network)
         self.step_kept: Tensor | None = None  # 0-dim float on the device: 0.0 if the last step was skipped
         self.loss_bad: Tensor | None = None  # bool on the device: a micro-batch of this step had a non-finite loss
+        self.shown_metrics: tuple[str, ...] = ()  # the names training_metrics logged
         # Counters of this run, on the device (moved by _apply): the host reads them on logging steps only.
         self.counts = {name: torch.zeros((), dtype=torch.long) for name in COUNTS}
         self.counts["first_nonfinite_step"] -= 1
@@ -179,10 +180,17 @@ class XceptionModule(L.LightningModule):
         self.counts["first_nonfinite_batch"].masked_fill_(first, batch_idx)
         self.counts["nonfinite_losses"] += bad
         self.loss_bad = bad if self.loss_bad is None else self.loss_bad | bad
-        if logs_this_step(self.trainer):  # the lr of this step (the schedule moves on before the batch ends)
-            self.log("train/loss", loss)
-            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
-        return poison(loss)  # a non-finite loss makes every gradient NaN, on every rank: see guard.py
+        if logs_this_step(self.trainer):  # only then may the host wait for the device: see training_metrics
+            metrics = {f"train/{name}": value for name, value in self.training_metrics(loss, logits, batch).items()}
+            self.log_dict(metrics)  # not prog_bar: Lightning would read the values on other steps too
+            self.shown_metrics = tuple(metrics)  # what the progress bar and the log line show (progress.py)
+        return poison(loss)
+
+    def training_metrics(self, loss: Tensor, logits: Tensor, batch: Batch) -> dict[str, Tensor | float]:
+        """The training values logged as train/<name> (TensorBoard, every logger) and shown in the progress bar
+        and the log line; add one here, or in a subclass. Computed and read on logging steps only (every
+        trainer.log_every_n_steps), so a value here costs the other steps nothing."""
+        return {"loss": loss, "lr": self.trainer.optimizers[0].param_groups[0]["lr"]}  # this step's lr  # a non-finite loss makes every gradient NaN, on every rank: see guard.py
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
         # Lightning's closure contract (so 16-mixed's GradScaler steps and updates), with a device-side

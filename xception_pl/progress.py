@@ -20,9 +20,6 @@ from xception_pl.callbacks import logs_this_step
 from xception_pl.schedules import samples_per_step
 
 
-TRAIN_SHOWN = ("train/loss", "train/lr")
-
-
 class ProgressBar(TQDMProgressBar):
     """Lightning's TQDMProgressBar that reads metrics only on logging steps; with `log_file` (default:
     stdout is not a terminal, e.g. a SLURM output file) no bar at all, but a line every
@@ -39,9 +36,10 @@ class ProgressBar(TQDMProgressBar):
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         if self.may_read:
-            # The module logs the training values without prog_bar (Lightning would turn them into numbers
-            # on every step): they are read here, from the callback metrics, when a step logs.
-            shown = {k: float(v) for k, v in trainer.callback_metrics.items() if k in TRAIN_SHOWN}
+            # The module's training metrics are logged without prog_bar (Lightning would read them on every step);
+            # it names them (XceptionModule.training_metrics), and they are read here when a step logs.
+            names = getattr(pl_module, "shown_metrics", ())
+            shown = {k: float(v) for k, v in trainer.callback_metrics.items() if k in names}
             self.metrics = {**super().get_metrics(trainer, pl_module), **shown}
         return self.metrics  # on other steps: the values of the last logging step
 

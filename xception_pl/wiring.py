@@ -14,7 +14,7 @@ for a Trainer built in Python alike.
     per-class results            PerClassMetrics (per_class.py)          -                a PerClassMetrics
     graceful stop and requeue    RequeueOnSignal (slurm.py)              -                a RequeueOnSignal
     start and end summary        RunSummary (console.py)                 -                a RunSummary
-    progress bar                 ProgressBar (progress.py)               enable_progress_bar: false
+    progress bar                 ProgressBar (progress.py)               enable_progress_bar: false;  any ProgressBar
     config.yaml                  SaveConfigCallback                      LightningCLI (CLI only)
 
 A part whose config turns it off (`--ema.decay null`, `--checkpoint.save_top_k 0`, `--images.enabled false`,
@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import lightning as L
-from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint, ThroughputMonitor, WeightAveraging
+from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint, ProgressBar as AnyProgressBar, ThroughputMonitor, \
+    WeightAveraging
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
@@ -57,6 +58,7 @@ SAME_KIND: dict[type, Callable[[L.Callback], bool]] = {
     LastCheckpoint: lambda c: isinstance(c, LastCheckpoint) or bool(getattr(c, "save_last", None)),
     PolyakAveraging: lambda c: isinstance(c, WeightAveraging),
     ImagesPerSecond: lambda c: isinstance(c, (ImagesPerSecond, ThroughputMonitor)),
+    ProgressBar: lambda c: isinstance(c, AnyProgressBar),
 }
 
 

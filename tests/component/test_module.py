@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.helpers import tiny_data, tiny_module, tiny_trainer
+from tests.helpers import scalars, tiny_data, tiny_module, tiny_trainer
 from xception_pl.inception import InceptionV3
 from xception_pl.module import XceptionModule
 
@@ -102,3 +102,34 @@ def test_checkpoint_of_other_classes_is_refused(tmp_path):
     other = tiny_data(num_classes=7)
     with pytest.raises(ValueError, match="trained with num_classes=6 but the data gives num_classes=7"):
         tiny_trainer(tmp_path).validate(tiny_module(other), other, ckpt_path=tmp_path / "checkpoints" / "last.ckpt")
+
+
+class LogsMaxLogit(XceptionModule):
+    """A training metric added as a user adds one: one line in training_metrics."""
+
+    reads: list[tuple[bool, int]] = []  # (the step logs, host reads in its training_step)
+
+    def training_metrics(self, loss, logits, batch):
+        return {**super().training_metrics(loss, logits, batch), "max_logit": logits.detach().max()}
+
+    def training_step(self, batch, batch_idx):
+        from tests.system.test_console import ScalarReads
+
+        with ScalarReads() as reads:
+            loss = super().training_step(batch, batch_idx)
+        self.reads.append((self.trainer._logger_connector.should_update_logs, reads.count))
+        return loss
+
+
+def test_a_training_metric_added_in_one_place_reaches_tensorboard_and_the_log_line(tmp_path, capsys):
+    from xception_pl.progress import ProgressBar
+
+    data = tiny_data(train_size=16)  # 4 steps, logged at steps 2 and 4
+    module = tiny_module(data, cls=LogsMaxLogit)
+    tiny_trainer(tmp_path, enable_progress_bar=True, callbacks=[ProgressBar(log_file=True)], log_every_n_steps=2,
+                 limit_val_batches=0).fit(module, data)
+    logged = scalars(tmp_path)["train/max_logit"]
+    assert [step for step, _ in logged] == [1, 3]
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert len(lines) == 2 and all(f"max_logit {value:.4g}" in line for line, (_, value) in zip(lines, logged))
+    assert [count for logs, count in module.reads if not logs] == [0, 0]  # nothing read on the quiet steps

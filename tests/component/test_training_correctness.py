@@ -170,7 +170,7 @@ def test_a_users_callbacks_win_over_ours(tmp_path, caplog):
     mine = next(c for c in cli.trainer.callbacks if type(c).__name__ == "ModelCheckpoint")
     assert mine.dirpath == str(tmp_path / "mine")
     assert "LastCheckpoint" in kinds and "ImagesPerSecond" in kinds  # ours fill in what they did not set
-    assert "best-k checkpoints: using ModelCheckpoint" in caplog.text
+    assert "BestCheckpoints: using ModelCheckpoint from the trainer's callbacks, not ours" in caplog.text
     assert "Polyak averaging: using EMAWeightAveraging" in caplog.text
 
 
