@@ -10,9 +10,11 @@ import lightning as L
 import torch
 import torch.distributed as dist
 import webdataset as wds
+from torchvision.transforms import v2
 from lightning.pytorch.trainer.states import TrainerFn
 
 from xception_pl.data import transforms
+from xception_pl.data.augmentations import Augmentation, OnDevice
 from xception_pl.data.batch_crop import PerImage, RandomResizedCropFlip, ResizeCenterCrop
 from xception_pl.data.device_decode import BatchTransform, DecodeOnDevice
 from xception_pl.data.images import image_files, image_loader
@@ -61,9 +63,12 @@ class WebDatasetDataModule(L.LightningDataModule):
         decode_device: "cpu": workers decode and augment; "cuda": workers send JPEG bytes and the
             GPU decodes (nvjpeg) and crops them, the default transforms batched (data/batch_crop.py).
         max_image_pixels: larger images are skipped ("too_large") from their header, never decoded.
-        train_transform: uint8 [3, H, W] -> [3, S, S] training augmentation; default
-            RandomResizedCrop(image_size) + RandomHorizontalFlip (batched with decode_device="cuda";
-            a custom one runs image by image there).
+        augmentations: training augmentations after the crop and flip, in order (data/augmentations.py:
+            TrivialAugmentWide, RandAugment, RandomErasing, or your own part); batched on the device with
+            decode_device="cuda", where a part without a batched form is refused.
+        train_transform: uint8 [3, H, W] -> [3, S, S]: replaces the crop and flip (experts; the augmentations
+            still follow); default RandomResizedCrop(image_size) + RandomHorizontalFlip (batched with
+            decode_device="cuda"; a custom one runs image by image there).
         eval_transform: uint8 [3, H, W] -> [3, S, S]; default Resize(eval_resize) + CenterCrop(image_size)
             (batched with decode_device="cuda", as train_transform).
         seed: seed of the training stream (shard draws, shuffle, augmentation).
@@ -93,6 +98,7 @@ class WebDatasetDataModule(L.LightningDataModule):
         shuffle_buffer: int = 5000,
         decode_device: Literal["cpu", "cuda"] = "cpu",
         max_image_pixels: int = 89_478_485,
+        augmentations: list[Augmentation] | None = None,
         train_transform: transforms.Transform | None = None,
         eval_transform: transforms.Transform | None = None,
         seed: int = 0,
@@ -117,10 +123,13 @@ class WebDatasetDataModule(L.LightningDataModule):
         self.train_size = self.shards["train"].size if "train" in self.shards else None
         self.batch_size, self.num_workers, self.shuffle_buffer = batch_size, num_workers, shuffle_buffer
         self.decode_device, self.max_image_pixels = decode_device, max_image_pixels
-        self.train_transform = train_transform or transforms.train_transform(image_size)
+        augmentations = list(augmentations or [])
+        crop = train_transform or transforms.train_transform(image_size)
+        self.train_transform = v2.Compose([crop, *augmentations]) if augmentations else crop
         self.eval_transform = eval_transform or transforms.eval_transform(image_size, eval_resize)
         self.batch_transforms: dict[bool, BatchTransform] = {  # decode_device="cuda", by training or not
-            True: PerImage(train_transform) if train_transform else RandomResizedCropFlip(image_size),
+            True: OnDevice(PerImage(train_transform) if train_transform else RandomResizedCropFlip(image_size),
+                           augmentations if decode_device == "cuda" else []),
             False: PerImage(eval_transform) if eval_transform else ResizeCenterCrop(image_size, eval_resize)}
         self.pin_memory, self.persistent_workers = pin_memory, persistent_workers
         self.prefetch_factor, self.multiprocessing_context = prefetch_factor, multiprocessing_context
