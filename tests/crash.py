@@ -99,3 +99,11 @@ def cli_process(argv: list[str], log: str) -> None:
 
 FORKSERVER = multiprocessing.get_context("forkserver")
 FORKSERVER.set_forkserver_preload(["xception_pl.cli", "xception_pl.data", "tests.crash"])
+
+
+class FactlessData(L.LightningDataModule):
+    """A user's data module that forgot a fact the model is built with (xception_pl.facts.DataFacts)."""
+
+    def __init__(self, num_classes: int = 3, batch_size: int = 4) -> None:
+        super().__init__()
+        self.num_classes, self.batch_size, self.train_size = num_classes, batch_size, 8  # no `multilabel`

@@ -30,16 +30,26 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary path beside `path` to write to; when the block ends without error it is synced to disk and
     renamed over `path` (atomic within a directory), so a reader, or a kill, sees the old file or the new one.
     On error the temporary file is removed and `path` keeps its old content."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}{TMP_INFIX}{os.getpid()}")
+    tmp = temporary_path(path)
     try:
         yield tmp
-        fsync(tmp)
-        os.replace(tmp, path)
-        fsync(path.parent)  # the rename itself survives a power cut
+        publish(tmp, path)
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
+
+
+def temporary_path(path: str | os.PathLike) -> Path:
+    """.<name>.tmp-<pid> beside `path`: where a file is written before `publish` makes it `path`."""
+    path = Path(path)
+    return path.with_name(f".{path.name}{TMP_INFIX}{os.getpid()}")
+
+
+def publish(tmp: Path, path: str | os.PathLike) -> None:
+    """Sync the written `tmp` to disk and rename it over `path` (atomic within a directory)."""
+    fsync(tmp)
+    os.replace(tmp, path)
+    fsync(Path(path).parent)  # the rename itself survives a power cut
 
 
 def write_atomically(path: str | os.PathLike, data: bytes | str) -> None:

@@ -8,6 +8,7 @@ with `--ckpt_path last` in the same directory.
 from __future__ import annotations
 
 import sys
+from functools import partial
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -23,7 +24,7 @@ from xception_pl.checkpointing import (UNREADABLE_CHECKPOINT, CheckpointLoadErro
                                        CheckpointWriteError, missing_checkpoint, newest_checkpoint,
                                        unreadable_checkpoint)
 from xception_pl.console import quiet_lightning
-from xception_pl.facts import DATA_FACTS
+from xception_pl.facts import DATA_FACTS, data_fact
 from xception_pl.hyperparameters import UNDESCRIBED
 from xception_pl.module import XceptionModule
 from xception_pl.wiring import CONFIGURED, trainer_parts
@@ -56,7 +57,8 @@ class XceptionCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # Facts of the data (xception_pl.facts.DataFacts), typed once: in the data config (or its manifest).
         for fact in DATA_FACTS:
-            parser.link_arguments(f"data.{fact}", f"model.{fact}", apply_on="instantiate")
+            parser.link_arguments("data", f"model.{fact}", compute_fn=partial(data_fact, name=fact),
+                                  apply_on="instantiate")
         for group, part in CONFIGURED.items():  # callbacks with a config: --checkpoint.save_top_k 1, --ema.decay 0.999
             parser.add_lightning_class_args(part, group)
 

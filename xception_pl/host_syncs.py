@@ -16,7 +16,6 @@ gradient buckets are all-reduced in C++, asynchronously, and are not counted).
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -26,6 +25,8 @@ import lightning as L
 import torch
 import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from xception_pl.checkpointing import write_atomically
 
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_object", "broadcast", "broadcast_object_list", "barrier",
                "reduce", "reduce_scatter", "gather", "scatter")
@@ -147,10 +148,8 @@ class HostSyncCounter(L.Callback):
         if trainer.world_size > 1:
             path = path.with_name(f"{path.stem}.rank{trainer.global_rank}{path.suffix}")
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".partial")
-        partial.write_text(json.dumps({"mode": self.mode, "device": str(pl_module.device),
-                                       "log_every_n_steps": trainer.log_every_n_steps, "records": self.records}))
-        os.replace(partial, path)  # never a half-written file
+        write_atomically(path, json.dumps({"mode": self.mode, "device": str(pl_module.device),
+                                           "log_every_n_steps": trainer.log_every_n_steps, "records": self.records}))
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if self._open is not None:  # leave no mode, warning filter or wrapped collective behind

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 import yaml
 
+from xception_pl.checkpointing import atomic_path, write_atomically
+
 BUFFERS = ("running_mean", "running_var", "num_batches_tracked")  # BatchNorm statistics: not parameters
 Curve = list[tuple[int, float]]  # (global step, value)
 DEVICE_SPEED = "train/device/samples_per_sec"
@@ -160,7 +162,8 @@ def plot(runs: list[Run], tag: str, path: Path, title: str) -> None:
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()
-    figure.savefig(path)
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png")
     plt.close(figure)
 
 
@@ -192,9 +195,7 @@ def report(runs: str, output: str | None = None) -> Path:
     text = (f"# {study.name}\n\n{len(found)} runs under `{study}`; curves against samples seen "
             f"(optimizer steps x global batch).\n\n{table(found)}\n"
             + "".join(f"![{tag}]({name})\n" for tag, name in plots.items()))
-    tmp = out / ".report.md.tmp"
-    tmp.write_text(text)
-    tmp.replace(out / "report.md")
+    write_atomically(out / "report.md", text)
     print(f"wrote {out / 'report.md'} and {', '.join(plots.values())}", flush=True)
     return out
 

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from tests.data_helpers import bomb_jpeg, image_tree, jpeg, jsonl_source
+from xception_pl.checkpointing import temporary_path
 from xception_pl.data import write_shards
 from xception_pl.data.writer import main
 
@@ -83,11 +84,12 @@ def test_unreadable_and_oversized_images_are_reported_and_left_out(tmp_path, cap
 
 def test_failed_write_leaves_no_manifest_and_no_partial_shard(tmp_path):
     image_tree(tmp_path / "src", classes=2, per_class=3)
-    (tmp_path / "out" / "out-000001.tar.tmp").mkdir(parents=True)  # the second shard cannot be opened
+    blocked = temporary_path(tmp_path / "out" / "out-000001.tar")
+    blocked.mkdir(parents=True)  # the second shard cannot be opened
     with pytest.raises(OSError):
         write_shards(str(tmp_path / "src"), str(tmp_path / "out"), shard_size=2, workers=1, progress=False)
     assert not (tmp_path / "out" / "manifest.json").exists()
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["out-000000.tar", "out-000001.tar.tmp"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [blocked.name, "out-000000.tar"]
 
 
 def test_existing_shards_are_replaced_only_with_overwrite(tmp_path):

@@ -128,7 +128,35 @@ def test_ema_py_reads_the_average_where_weight_averaging_keeps_it():
     assert "_copy_average_to_current(" in source(WeightAveraging.on_train_end)  # what on_fit_end calls
 
 
+def test_checkpointing_py_best_checkpoints_keeps_the_state_key_model_checkpoint_generates():
+    from xception_pl.checkpointing import BestCheckpoints
+
+    assert "self.__class__.__qualname__" in source(ModelCheckpoint._generate_state_key)
+    best, theirs = BestCheckpoints(save_top_k=2), ModelCheckpoint(monitor="val/acc1", mode="max", save_top_k=2)
+    assert best.state_key == theirs.state_key  # a checkpoint of either restores the other's best-k bookkeeping
+
+
+# ---------------------------------------------------------------------------------------------- webdataset
+def test_pipeline_py_sets_webdatasets_nsamples_which_each_pass_reads():
+    import webdataset as wds
+
+    assert issubclass(wds.WebLoader, wds.DataPipeline)
+    assert "self.nsamples = max(nsamples, nbatches)" in source(wds.DataPipeline.with_epoch)
+    assert "islice(self.iterator(), self.nsamples)" in source(wds.DataPipeline.__iter__)  # read at each iter()
+
+
 # ---------------------------------------------------------------------------------------------- torch
+def test_schedules_py_evaluates_torchs_schedulers_by_their_closed_form_or_get_lr():
+    from torch.optim import lr_scheduler
+
+    for name in ("StepLR", "MultiStepLR", "ConstantLR", "LinearLR", "ExponentialLR", "CosineAnnealingLR",
+                 "PolynomialLR"):
+        assert "self.last_epoch" in source(getattr(lr_scheduler, name)._get_closed_form_lr), name
+    for name in ("LambdaLR", "OneCycleLR", "CyclicLR"):  # TorchShape.STATELESS: get_lr reads last_epoch alone
+        assert "self.last_epoch" in source(getattr(lr_scheduler, name).get_lr), name
+    assert "_get_lr_called_within_step" in source(lr_scheduler._enable_get_lr_call)
+
+
 def test_distributed_py_turns_off_ddps_buffer_broadcast_which_each_forward_reads():
     from torch.nn.parallel import DistributedDataParallel
 

@@ -23,12 +23,13 @@ from xception_pl.data.position import StreamPosition
 from xception_pl.data.samples import DecodeSamples, SkipCounter
 from xception_pl.data.sources import ShardSet, dataset_facts, resolve
 from xception_pl.data.workers import StopSignalsInWorker
+from xception_pl.facts import DataFacts
 
 if TYPE_CHECKING:  # a private class of Lightning's (README "Seams"): for the type only
     from lightning.pytorch.loops.progress import _ProcessedTracker
 
 
-class WebDatasetDataModule(L.LightningDataModule):
+class WebDatasetDataModule(L.LightningDataModule, DataFacts):
     """Batches {"image", "target", "skipped", "key"} from WebDataset shards.
 
     "image": [B, 3, S, S], uint8 from the loader, scaled to [-1, 1] on the device by `on_after_batch_transfer`

@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from xception_pl.data.workers import StopSignalsInWorker
+from xception_pl.facts import DataFacts
 
 
 class SyntheticImages(Dataset):
@@ -36,7 +37,7 @@ class SyntheticImages(Dataset):
         return {"image": image, "target": target, "key": f"{index:08d}"}
 
 
-class SyntheticDataModule(L.LightningDataModule):
+class SyntheticDataModule(L.LightningDataModule, DataFacts):
     """In-memory synthetic data with the batch format of WebDatasetDataModule.
 
     Args:

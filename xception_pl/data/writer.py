@@ -28,7 +28,7 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from xception_pl.checkpointing import write_atomically
+from xception_pl.checkpointing import publish, temporary_path, write_atomically
 from xception_pl.data.labels import csv_items, folder_items, read_classes, sample_key
 from xception_pl.data.sources import MANIFEST
 
@@ -95,7 +95,7 @@ def unique(items: list[Item]) -> list[Item]:
 
 
 class Shards:
-    """Rotating tar shards, each written to `<name>.tmp` and renamed once closed."""
+    """Rotating tar shards, each written beside its name (checkpointing.temporary_path) and published once closed."""
 
     def __init__(self, output: Path, prefix: str, shard_size: int, shard_bytes: int) -> None:
         self.output, self.prefix, self.shard_size, self.shard_bytes = output, prefix, shard_size, shard_bytes
@@ -109,8 +109,8 @@ class Shards:
             self.close()
             self.name = f"{self.prefix}-{len(self.done):06d}.tar"
             # PAX allows long keys; whole-second mtimes keep it from adding a pax header per member
-            self.tar = wds.TarWriter(str(self.output / f"{self.name}.tmp"), encoder=False, format="PAX_FORMAT",
-                                     mtime=self.mtime)
+            self.tar = wds.TarWriter(str(temporary_path(self.output / self.name)), encoder=False,
+                                     format="PAX_FORMAT", mtime=self.mtime)
             self.count = self.bytes = 0
         self.tar.write(sample)
         self.count, self.bytes = self.count + 1, self.bytes + size
@@ -118,7 +118,7 @@ class Shards:
     def close(self) -> None:
         if self.tar is not None:
             self.tar.close()
-            os.replace(self.output / f"{self.name}.tmp", self.output / self.name)
+            publish(temporary_path(self.output / self.name), self.output / self.name)  # whole and synced, or absent
             self.done.append({"name": self.name, "count": self.count})
             self.tar = None
 
