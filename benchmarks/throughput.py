@@ -237,7 +237,7 @@ def check_outputs(args) -> dict:
     ours = Xception.from_timm(reference.state_dict()).to(args.device).eval()
     fc = FullPrecisionLinear(reference.fc.in_features, reference.fc.out_features).to(args.device)
     fc.load_state_dict(reference.fc.state_dict())
-    reference.fc = fc  # our classifier computes in fp32 under autocast (README, Training): compare like with like
+    reference.fc = fc  # our classifier computes in fp32 under autocast (docs/training.md): compare like with like
     images = torch.randn(2, 3, args.image_size, args.image_size, device=args.device)
     result = {"passed": True}
     for precision, tolerance in (("fp32", 1e-3), ("bf16", 3e-2)):  # max |difference| / max |timm output|

@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 
 def logs_this_step(trainer: L.Trainer) -> bool:
     """Whether Lightning sends this training step's logged values to the loggers (the one step kind on which
-    the host may read the device or talk to the other ranks). Lightning internal, see README "Seams"."""
+    the host may read the device or talk to the other ranks). Lightning internal, see docs/code.md "Seams"."""
     return trainer._logger_connector.should_update_logs
 
 

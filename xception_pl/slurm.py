@@ -172,7 +172,7 @@ class RequeueOnSignal(L.Callback):
         self.last_check, self.next_check = (time.monotonic(), trainer.global_step), trainer.global_step + 1
         signal.signal(signal.SIGTERM, self.note_signal)
         # Lightning's per-step broadcast of its own SIGTERM flag (a collective and a host read on every step);
-        # the flag is never set now that the handler above replaced Lightning's. See README "Seams".
+        # the flag is never set now that the handler above replaced Lightning's. See docs/code.md "Seams".
         trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = lambda: None
 
     def note_signal(self, signum: int, frame: object) -> None:

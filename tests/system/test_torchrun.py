@@ -64,7 +64,7 @@ def test_sigterm_under_torchrun_saves_on_every_rank_and_the_run_resumes_to_the_s
 
 def test_sigterm_to_the_main_process_of_a_fit_that_lightning_launched_reaches_every_rank(tmp_path):
     """No launcher: Lightning starts rank 1 itself. A SIGTERM to the main process alone (`kill <pid>`, a
-    container stop) reaches rank 1 through Lightning's launcher (README "Seams": `launcher.kill`), both ranks
+    container stop) reaches rank 1 through Lightning's launcher (docs/code.md "Seams": `launcher.kill`), both ranks
     save at the agreed batch end and exit, and no rank is left running."""
     marker, noted = tmp_path / "step3", tmp_path / "noted"
     probes = ["--trainer.callbacks+=tests.probes.SlowSteps", f"--trainer.callbacks.marker={marker}",

@@ -1,4 +1,4 @@
-"""The Lightning, jsonargparse and torch internals xception_pl uses (README "Seams") are there, in the shape it
+"""The Lightning, jsonargparse and torch internals xception_pl uses (docs/code.md "Seams") are there, in the shape it
 uses them: a release that renames or reshapes one fails here, by name, in seconds, instead of somewhere in a
 training run. Each test names the file that relies on the internal."""
 

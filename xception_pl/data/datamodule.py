@@ -25,7 +25,7 @@ from xception_pl.data.sources import ShardSet, dataset_facts, resolve
 from xception_pl.data.workers import StopSignalsInWorker
 from xception_pl.facts import DataFacts
 
-if TYPE_CHECKING:  # a private class of Lightning's (README "Seams"): for the type only
+if TYPE_CHECKING:  # a private class of Lightning's (docs/code.md "Seams"): for the type only
     from lightning.pytorch.loops.progress import _ProcessedTracker
 
 
@@ -244,7 +244,7 @@ class WebDatasetDataModule(L.LightningDataModule, DataFacts):
 
 
 def shift_batch_progress(trainer: L.Trainer, batches: int) -> None:
-    """Move Lightning's restored count of this epoch's batches (README "Seams"): a position converted to another
+    """Move Lightning's restored count of this epoch's batches (docs/code.md "Seams"): a position converted to another
     world size is in other batches, and Lightning ends the epoch by its own count."""
     current = trainer.fit_loop.epoch_loop.batch_progress.current
     for field in ("ready", "started", "processed", "completed"):
