@@ -171,7 +171,7 @@ def test_a_users_callbacks_win_over_ours(tmp_path, caplog):
     assert mine.dirpath == str(tmp_path / "mine")
     assert "LastCheckpoint" in kinds and "ImagesPerSecond" in kinds  # ours fill in what they did not set
     assert "BestCheckpoints: using ModelCheckpoint from the trainer's callbacks, not ours" in caplog.text
-    assert "Polyak averaging: using EMAWeightAveraging" in caplog.text
+    assert "PolyakAveraging: using EMAWeightAveraging from the trainer's callbacks, not ours" in caplog.text
 
 
 @pytest.mark.parametrize("save_last", [False, True], ids=["best-k", "best-k-and-last"])
