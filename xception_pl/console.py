@@ -78,14 +78,12 @@ def start_lines(trainer: L.Trainer, pl_module: L.LightningModule, config_files: 
 
 
 def data_facts(data: L.LightningDataModule) -> str:
-    """Classes and, per split, images and shards (from the manifest), e.g. "10 classes; train 1,000 images
-    in 16 shards, val 200 images in 16 shards"."""
+    """Classes and, per split, what the data module says of itself (`describe`: images and shards of a
+    WebDatasetDataModule), e.g. "10 classes; train 1,000 images in 16 shards, val 200 images in 16 shards"."""
     kind = "multi-label" if getattr(data, "multilabel", False) else "single-label"
     facts = [f"{getattr(data, 'num_classes', '?')} classes ({kind})"]
-    shards = getattr(data, "shards", None)
-    if shards:
-        facts += [f"{name} {count(s.size)} images in {len(s.urls):,} shards" for name, s in shards.items()
-                  if name in ("train", "val")]
+    if hasattr(data, "describe"):
+        facts += data.describe()
     else:
         sizes = {k.removesuffix("_size"): v for k, v in getattr(data, "hparams", {}).items()
                  if k in ("train_size", "val_size")}

@@ -90,24 +90,9 @@ class ProgressBar(TQDMProgressBar):
         total = super().total_val_batches_current_dataloader
         if math.isinf(total) and not self.trainer.sanity_checking:
             trainer = self.trainer
-            return eval_batches(trainer.datamodule, "val", trainer.global_rank, trainer.world_size) or total
+            counted = getattr(trainer.datamodule, "eval_batches", None)  # a data module that can tell
+            return (counted("val", trainer.global_rank, trainer.world_size) if counted else None) or total
         return total
-
-
-def eval_batches(data: L.LightningDataModule | None, split: str, rank: int, world_size: int) -> int | None:
-    """Batches `rank` reads from an evaluation split of a WebDatasetDataModule, whose loaders have no
-    length: shard i goes to reader (rank, worker) i % (ranks x workers), each reader's last batch may be
-    short. Exact from the manifest's per-shard counts; else size / (batch x ranks) rounded up. (Skipped
-    samples make it a little less.) None for other data modules."""
-    shards = getattr(data, "shards", {}).get(split)
-    if shards is None or not shards.size:
-        return None
-    batch, workers = data.batch_size, max(1, data.num_workers)
-    counts = [s["count"] for s in (shards.manifest or {}).get("shards", [])]
-    if len(counts) != len(shards.urls):
-        return math.ceil(shards.size / (batch * world_size))
-    readers = world_size * workers
-    return sum(math.ceil(sum(counts[slot::readers]) / batch) for slot in range(rank * workers, (rank + 1) * workers))
 
 
 def epoch(trainer: L.Trainer) -> str:

@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from tests.helpers import run_config, tiny_data, tiny_module, tiny_trainer
 from tests.data_helpers import shards
 from xception_pl.data import WebDatasetDataModule
-from xception_pl.progress import ProgressBar, eval_batches
+from xception_pl.progress import ProgressBar
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -103,4 +103,4 @@ def test_validation_total_is_the_number_of_batches_each_rank_reads(tmp_path, wor
     for rank in range(world_size):
         data.rank, data.world_size = rank, world_size
         read = sum(1 for batch in data.val_dataloader() if batch["key"])
-        assert eval_batches(data, "val", rank, world_size) == read
+        assert data.eval_batches("val", rank, world_size) == read

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
@@ -211,6 +212,27 @@ class WebDatasetDataModule(L.LightningDataModule, DataFacts):
         else:  # the same code on the CPU, as the tests run it
             device = torch.device("cpu")
         return [DecodeOnDevice(self.batch_transforms[training], device)]
+
+    def describe(self) -> list[str]:
+        """For the run's start line: images and shards per split, from the manifests."""
+        return [f"{name} {'?' if s.size is None else f'{s.size:,}'} images in {len(s.urls):,} shards"
+                for name, s in self.shards.items() if name in ("train", "val")]
+
+    def eval_batches(self, split: str, rank: int, world_size: int) -> int | None:
+        """Batches `rank` reads from an evaluation split, whose loaders have no length (the progress bar's
+        total): shard i goes to reader (rank, worker) i % (ranks x workers), each reader's last batch may be
+        short. Exact from the manifest's per-shard counts; else size / (batch x ranks) rounded up. (Skipped
+        samples make it a little less.)"""
+        shards = self.shards.get(split)
+        if shards is None or not shards.size:
+            return None
+        workers = max(1, self.num_workers)
+        counts = [s["count"] for s in (shards.manifest or {}).get("shards", [])]
+        if len(counts) != len(shards.urls):
+            return math.ceil(shards.size / (self.batch_size * world_size))
+        readers = world_size * workers
+        return sum(math.ceil(sum(counts[slot::readers]) / self.batch_size)
+                   for slot in range(rank * workers, (rank + 1) * workers))
 
     def val_dataloader(self) -> wds.WebLoader:
         return self.eval_dataloader("val")
