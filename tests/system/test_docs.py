@@ -50,8 +50,10 @@ def test_each_training_command_shown_parses(page, args, capsys, monkeypatch):
     assert "model:" in capsys.readouterr().out
 
 
-DEMO_RUNS = [args for _, args in COMMANDS  # the demo itself: test_smoke.py
-             if args[:3] == ["fit", "--config", "configs/smoke.yaml"] and len(args) > 3 and "--ckpt_path" not in args]
+# The demo's variants with its own network (the demo itself: test_smoke.py; other networks at demo size:
+# test_cli.py's timm run and unit/test_backbone.py).
+DEMO_RUNS = [args for _, args in COMMANDS if args[:3] == ["fit", "--config", "configs/smoke.yaml"] and len(args) > 3
+             and not {"--ckpt_path", "--model.network.class_path"} & set(args)]
 
 
 @pytest.mark.parametrize("args", DEMO_RUNS, ids=[" ".join(a[3:])[:60] or "demo" for a in DEMO_RUNS])
