@@ -48,8 +48,8 @@ class SampleSchedule(LRScheduler):
 
     The samples are those of the steps that updated the weights (a step skipped for a non-finite loss does
     not count). That count lives on the device; the host reads it only when the lr would move by more than
-    READ_TOLERANCE since the last read (a staircase's every step, a warm-up's, a smooth shape's every 1 %), so a
-    steady step never waits for the host and a step decay is exact.
+    READ_TOLERANCE (relative) since the last read: at each decay of a staircase (exact there), every warm-up step,
+    and every 1 % of a smooth shape; so a steady step never waits for the host.
 
     Subclasses give `shape(samples) -> lrs` and list their config in `_CONFIG`.
     """
