@@ -159,12 +159,11 @@ class BestCheckpoints(ModelCheckpoint):
         if save_top_k < -1:
             raise ValueError(f"checkpoint.save_top_k={save_top_k}: give the number of best checkpoints to keep, "
                              "0 for none or -1 for all")
-        self.save_top_k_given = save_top_k
         super().__init__(monitor="val/acc1", mode="max", save_top_k=save_top_k, auto_insert_metric_name=False)
 
     @property
     def enabled(self) -> bool:
-        return self.save_top_k_given != 0
+        return self.save_top_k != 0
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.monitor = getattr(pl_module, "main_metric", self.monitor)  # known once the data's facts are
