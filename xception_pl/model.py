@@ -15,6 +15,7 @@ from typing import Literal, Mapping
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from timm.layers import DropPath
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,8 @@ class ResidualModule(nn.Module):
     sec. 4.6 / Figure 9, with the same separable convs, BN and pooling.
     """
 
-    def __init__(self, spec: ModuleSpec, norm: partial, pool: PoolPadding, residual: bool = True, **separable) -> None:
+    def __init__(self, spec: ModuleSpec, norm: partial, pool: PoolPadding, residual: bool = True,
+                 drop_path: float = 0.0, **separable) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         in_channels = spec.in_channels
@@ -138,11 +140,14 @@ class ResidualModule(nn.Module):
         else:
             conv = nn.Conv2d(spec.in_channels, in_channels, 1, stride=spec.stride, bias=False)
             self.shortcut = nn.Sequential(OrderedDict(conv=conv, bn=norm(in_channels)))
+        # Stochastic depth: in training, the residual branch of a whole sample is dropped with this probability
+        # (and the kept ones scaled by 1 / (1 - p)); no parameters, so the state dict is unchanged.
+        self.drop_path = DropPath(drop_path) if drop_path else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         if self.shortcut is None:
             return self.layers(x)
-        return self.layers(x) + self.shortcut(x)
+        return self.drop_path(self.layers(x)) + self.shortcut(x)
 
 
 def conv_bn_relu(conv: nn.Module, norm: nn.Module) -> nn.Sequential:
@@ -169,6 +174,9 @@ class Xception(nn.Module):
             drops them (identity and 1x1 conv + BN alike) for the ablation of sec. 4.6, Figure 9.
         pool_padding: "same" is the TensorFlow/Keras padding the paper's network was trained
             with; "symmetric" pads 1 on every side, as timm's port of the Keras weights does.
+        drop_path_rate: stochastic depth over the 8 middle-flow modules (ours, not in the paper; Huang et al.,
+            ECCV 2016): module i of 8 drops its residual branch per sample with probability drop_path_rate * i / 8
+            (their linear rule), timm's DropPath. 0 (the paper) = off.
     """
 
     def __init__(
@@ -183,6 +191,7 @@ class Xception(nn.Module):
         spatial_segments: int | None = None,
         residual: bool = True,
         pool_padding: PoolPadding = "same",
+        drop_path_rate: float = 0.0,
     ) -> None:
         super().__init__()
         if intermediate_activation not in INTERMEDIATE_ACTIVATIONS:
@@ -193,8 +202,9 @@ class Xception(nn.Module):
         if spatial_segments is not None and any(w % spatial_segments for w in widths):
             raise ValueError(f"spatial_segments={spatial_segments} must divide every separable conv's width "
                              f"{sorted(set(widths))}: use 1, 2, 4, 8 or None (depthwise)")
-        if not 0.0 <= drop_rate < 1.0:
-            raise ValueError(f"drop_rate={drop_rate} must be in [0, 1)")
+        for name, rate in (("drop_rate", drop_rate), ("drop_path_rate", drop_path_rate)):
+            if not 0.0 <= rate < 1.0:
+                raise ValueError(f"{name}={rate} must be in [0, 1)")
         self.num_classes = num_classes
         self.num_features = EXIT_CONVS[-1]
         norm = partial(nn.BatchNorm2d, eps=bn_eps, momentum=bn_momentum)
@@ -209,7 +219,8 @@ class Xception(nn.Module):
             conv_bn_relu(nn.Conv2d(stem1, stem2, 3, stride=stride2, bias=False), norm(stem2)),
             *(module(spec) for spec in ENTRY_FLOW),
         )
-        self.middle_flow = nn.Sequential(*(module(spec) for spec in MIDDLE_FLOW))
+        self.middle_flow = nn.Sequential(*(module(spec, drop_path=drop_path_rate * (i + 1) / len(MIDDLE_FLOW))
+                                           for i, spec in enumerate(MIDDLE_FLOW)))
         exit_convs = []
         in_channels = EXIT_FLOW[-1].widths[-1]
         for width in EXIT_CONVS:

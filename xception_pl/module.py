@@ -25,7 +25,7 @@ from xception_pl.hyperparameters import UNDESCRIBED, log_hyperparameters, record
 from xception_pl.metrics import MeanAveragePrecisionAtK, TopLabelAccuracy
 from xception_pl.model import Xception
 from xception_pl.pretrained import load_pretrained, param_groups, scale_lrs
-from xception_pl.schedules import SampleCounts, SampleScheduleCallable, samples_per_step
+from xception_pl.schedules import SampleCounts, SampleScheduleCallable, sample_budget, samples_per_step
 
 log = logging.getLogger(__name__)
 COUNTS = ("nonfinite_losses", "first_nonfinite_step", "first_nonfinite_batch", "skipped_steps", "fp16_overflows",
@@ -190,7 +190,7 @@ class XceptionModule(L.LightningModule):
         """The training values logged as train/<name> (TensorBoard, every logger) and shown in the progress bar
         and the log line; add one here, or in a subclass. Computed and read on logging steps only (every
         trainer.log_every_n_steps), so a value here costs the other steps nothing."""
-        return {"loss": loss, "lr": self.trainer.optimizers[0].param_groups[0]["lr"]}  # this step's lr  # a non-finite loss makes every gradient NaN, on every rank: see guard.py
+        return {"loss": loss, "lr": self.trainer.optimizers[0].param_groups[0]["lr"]}  # this step's lr
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
         # Lightning's closure contract (so 16-mixed's GradScaler steps and updates), with a device-side
@@ -317,7 +317,8 @@ class XceptionModule(L.LightningModule):
         if self.lr_scheduler is None:
             return optimizer
         samples = SampleCounts(self.global_batch_size, self.hparams.train_size,
-                               skipped_steps=lambda: int(self.counts["skipped_steps"].item()))
+                               skipped_steps=lambda: int(self.counts["skipped_steps"].item()),
+                               per_run=sample_budget(self.trainer, self.hparams.train_size, self.global_batch_size))
         scheduler = self.lr_scheduler(optimizer, samples)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

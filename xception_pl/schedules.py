@@ -6,7 +6,8 @@ any number of devices, nodes or accumulation steps, and across a resume on a dif
 world size: the number of samples seen is saved, and each step adds the global batch.
 
 `SampleSchedule` does the counting (and the warm-up, ours); a schedule is its `shape`, the lr at a
-sample count: `SampleStepDecay` is the paper's, and `TorchShape` takes any of torch's own schedulers
+sample count: `SampleStepDecay` is the paper's, `SampleBudgetDecay` today's (warm-up, then cosine or linear
+decay to a floor at the end of a budget of samples), and `TorchShape` takes any of torch's own schedulers
 whose lr is a function of its step count, evaluated at the sample count.
 """
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import lightning as L
 from torch.optim import Optimizer
@@ -29,6 +30,26 @@ def samples_per_step(trainer: L.Trainer, batch_size: int) -> int:
     return batch_size * trainer.world_size * trainer.accumulate_grad_batches
 
 
+def sample_budget(trainer: L.Trainer, train_size: int | None, per_step: int) -> int | None:
+    """The samples a fit trains on: trainer.max_epochs x the training set (the same on any world size), or
+    max_steps x the global batch when that ends the fit first; None when neither is set."""
+    budgets = []
+    if trainer.max_epochs is not None and trainer.max_epochs > 0 and train_size:
+        budgets.append(trainer.max_epochs * train_size)
+    if trainer.max_steps is not None and trainer.max_steps > 0:
+        budgets.append(trainer.max_steps * per_step)
+    return min(budgets) if budgets else None
+
+
+def samples_seen(trainer: L.Trainer, batch_size: int) -> int:
+    """Samples of the optimizer steps taken so far in the run (resumes included, on any world size): the
+    schedule's count when it is a SampleSchedule (restored from the checkpoint), else global steps x batch."""
+    for config in trainer.lr_scheduler_configs:
+        if isinstance(config.scheduler, SampleSchedule):
+            return config.scheduler.samples_seen
+    return trainer.global_step * samples_per_step(trainer, batch_size)
+
+
 @dataclass(frozen=True)
 class SampleCounts:
     """What a schedule counted in samples needs of the running job; the module gives it when it builds the
@@ -37,6 +58,7 @@ class SampleCounts:
     per_step: int  # the global batch: samples_per_step
     per_epoch: int | None = None  # the training set; decay_every_epochs needs it
     skipped_steps: Callable[[], int] | None = None  # reads the steps skipped so far (a device count)
+    per_run: int | None = None  # the fit's budget (sample_budget); SampleBudgetDecay's default
 
 
 SampleScheduleCallable = Callable[[Optimizer, SampleCounts], LRScheduler]  # what model.lr_scheduler builds
@@ -161,6 +183,47 @@ class SampleStepDecay(SampleSchedule):
 
     def shape(self, samples: int) -> list[float]:
         return [lr * self.decay_rate ** math.floor(samples / self.interval) for lr in self.base_lrs]
+
+
+class SampleBudgetDecay(SampleSchedule):
+    """Linear warm-up, then cosine (Loshchilov & Hutter, ICLR 2017) or linear decay to `floor` x lr0 at the end of
+    a budget of samples (ours, as timm's and torchvision's recipes and FFCV's linear ramp; not in the paper):
+
+        lr = lr0 x warmup(s) x (floor + (1 - floor) x f(p)),  p = (s - warmup_samples) / (budget - warmup_samples)
+
+    with f(p) = (1 + cos(pi p)) / 2 or 1 - p, p clipped to [0, 1]: the lr stays at the floor after the budget.
+
+    Args:
+        optimizer: the wrapped optimizer.
+        samples: the global batch, the training set and the fit's budget (given by the module).
+        decay: "cosine" or "linear".
+        max_samples: the budget in samples; default: the trainer's, max_epochs x the training set (or
+            max_steps x the global batch when that ends the fit first). In samples, so the same on any world size.
+        floor: the final lr as a fraction of each group's lr0 (0: decay to zero).
+        warmup_samples: linear warm-up from 0 over this many samples; the decay starts after it.
+    """
+
+    _CONFIG = ("decay", "max_samples", "budget", "floor", *SampleSchedule._CONFIG)
+
+    def __init__(self, optimizer: Optimizer, samples: SampleCounts, decay: Literal["cosine", "linear"] = "cosine",
+                 max_samples: int | None = None, floor: float = 0.0, warmup_samples: int = 0) -> None:
+        if decay not in ("cosine", "linear"):
+            raise ValueError(f"decay={decay!r}: choose cosine or linear")
+        if not 0.0 <= floor <= 1.0:
+            raise ValueError(f"floor={floor} must be in [0, 1] (a fraction of the optimizer's lr)")
+        budget = max_samples or samples.per_run
+        if budget is None:
+            raise ValueError("SampleBudgetDecay needs a budget: give max_samples, or the trainer max_epochs (with "
+                             "the data's train_size) or max_steps")
+        if budget <= warmup_samples:
+            raise ValueError(f"the budget of {budget:,} samples must be longer than warmup_samples={warmup_samples:,}")
+        self.decay, self.max_samples, self.budget, self.floor = decay, max_samples, budget, floor
+        super().__init__(optimizer, samples, warmup_samples)
+
+    def shape(self, samples: int) -> list[float]:
+        progress = min(1.0, max(0.0, (samples - self.warmup_samples) / (self.budget - self.warmup_samples)))
+        falling = (1.0 + math.cos(math.pi * progress)) / 2.0 if self.decay == "cosine" else 1.0 - progress
+        return [lr * (self.floor + (1.0 - self.floor) * falling) for lr in self.base_lrs]
 
 
 class TorchShape(SampleSchedule):

@@ -260,3 +260,27 @@ def test_ablation_switches_combine():
     shortcuts = sum(i * o + 2 * o for i, o in PROJECTION_SHORTCUTS)
     assert count(model) == PAPER_PARAMETERS - shortcuts - depthwise + segmented
     assert all(isinstance(m.activation, nn.ELU) for m in separable)
+
+
+def test_drop_path_drops_whole_residual_branches_of_the_middle_flow_in_training_only():
+    torch.manual_seed(0)
+    model = Xception(num_classes=10, drop_path_rate=0.4)
+    assert count(model) == count(Xception(num_classes=10))  # no parameters, the same state dict keys
+    assert model.state_dict().keys() == Xception(num_classes=10).state_dict().keys()
+    rates = [m.drop_path.drop_prob if hasattr(m.drop_path, "drop_prob") else 0.0 for m in model.middle_flow]
+    assert rates == pytest.approx([0.4 * i / 8 for i in range(1, 9)])  # Huang et al.'s linear rule
+    assert all(isinstance(m.drop_path, nn.Identity) for m in [*model.entry_flow[2:], model.exit_flow[0]])
+    last = model.middle_flow[7]  # p = 0.4
+    x = torch.randn(64, 728, 5, 5)
+    with torch.no_grad():
+        last.eval()
+        branch = last.layers(x)
+        torch.testing.assert_close(last(x), branch + x)  # evaluation: all kept, unscaled
+        last.train()
+        out = last(x) - x  # per sample: the branch / (1 - p) or nothing (train-mode BN: recompute the branch)
+        branch = last.layers(x)
+    dropped = out.flatten(1).abs().amax(1) == 0
+    torch.testing.assert_close(out[~dropped], branch[~dropped] / 0.6)
+    assert 10 < int(dropped.sum()) < 45  # ~0.4 of 64
+    with pytest.raises(ValueError, match="drop_path_rate"):
+        Xception(drop_path_rate=1.0)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from timm.optim import RMSpropTF
 
-from xception_pl.schedules import SampleCounts, SampleStepDecay, TorchShape
+from xception_pl.schedules import SampleBudgetDecay, SampleCounts, SampleStepDecay, TorchShape, sample_budget
 
 EPOCH = 12_811  # a small training set (ImageNet / 100) keeps the loops short
 
@@ -155,3 +155,61 @@ def test_a_torch_shape_resumes_on_another_world_size_at_its_sample_count():
     resumed.load_state_dict(scheduler.state_dict())
     resumed.step()
     assert resumed.get_last_lr() == [pytest.approx(0.5)]  # 400 + 100 of 1000 samples
+
+
+def budget_lrs(per_step: int, steps: int, **schedule) -> list[float]:
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.8)
+    scheduler = SampleBudgetDecay(optimizer, SampleCounts(per_step, per_run=schedule.pop("per_run", None)), **schedule)
+    lrs = [optimizer.param_groups[0]["lr"]]
+    for _ in range(steps):
+        optimizer.step()
+        scheduler.step()
+        lrs.append(optimizer.param_groups[0]["lr"])
+    return lrs
+
+
+@pytest.mark.parametrize("decay, middle", [("cosine", 0.1 + 0.9 * 0.5), ("linear", 0.1 + 0.9 * 0.5),
+                                           ("cosine-quarter", 0.1 + 0.9 * (1 + math.cos(math.pi / 4)) / 2)])
+def test_budget_decay_warms_up_then_falls_to_its_floor_at_the_budget(decay, middle):
+    """lr0 0.8, warm-up 1,000 samples, budget 11,000 (the decay spans 10,000), floor 0.1; 100 samples a step."""
+    quarter = decay.endswith("quarter")
+    lrs = budget_lrs(100, 150, decay=decay.split("-")[0], max_samples=11_000, floor=0.1, warmup_samples=1_000)
+    at = {samples: lrs[samples // 100] for samples in (0, 500, 1_000, 3_500, 6_000, 11_000, 15_000)}
+    assert at[0] == 0.0 and at[500] == pytest.approx(0.4) and at[1_000] == pytest.approx(0.8)  # warm-up
+    assert at[3_500 if quarter else 6_000] == pytest.approx(0.8 * middle)  # p = 1/4 (cosine) or 1/2
+    assert at[11_000] == pytest.approx(0.08) and at[15_000] == pytest.approx(0.08)  # the floor, and after
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # never rises after the warm-up
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 8])
+def test_budget_decay_is_the_same_at_a_sample_count_on_any_world_size_and_after_a_resume(world_size):
+    per_step = 25 * world_size
+    reference = budget_lrs(25, 400, max_samples=10_000, warmup_samples=1_000)
+    steps = 4_000 // per_step
+    assert budget_lrs(per_step, steps, max_samples=10_000, warmup_samples=1_000)[-1] == pytest.approx(reference[160])
+
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    before = SampleBudgetDecay(torch.optim.SGD([parameter], lr=0.8), SampleCounts(per_step), max_samples=10_000)
+    for _ in range(steps):
+        before.step()
+    resumed = SampleBudgetDecay(torch.optim.SGD([parameter], lr=0.8), SampleCounts(100),  # 4 x 25, other devices
+                                max_samples=10_000)
+    resumed.load_state_dict(before.state_dict())
+    for _ in range(20):
+        resumed.step()
+    assert resumed.samples_seen == 6_000
+    assert resumed.get_last_lr()[0] == pytest.approx(0.8 * (1 + math.cos(math.pi * 0.6)) / 2)
+
+
+def test_the_budget_is_the_trainers_epochs_of_the_training_set_or_its_steps():
+    import lightning as L
+
+    trainer = L.Trainer(max_epochs=90, logger=False, enable_checkpointing=False)
+    assert sample_budget(trainer, 12_811, per_step=256) == 90 * 12_811  # epochs x train_size: no world size in it
+    trainer = L.Trainer(max_epochs=90, max_steps=1_000, logger=False, enable_checkpointing=False)
+    assert sample_budget(trainer, 12_811, per_step=256) == 256_000  # max_steps ends the fit first
+    assert budget_lrs(100, 1, per_run=1_000, decay="linear")[-1] == pytest.approx(0.8 * 0.9)  # the default budget
+    with pytest.raises(ValueError, match="needs a budget: give max_samples"):
+        budget_lrs(100, 1)
+    with pytest.raises(ValueError, match="longer than warmup_samples"):
+        budget_lrs(100, 1, max_samples=1_000, warmup_samples=1_000)
