@@ -53,7 +53,9 @@ class XceptionModule(L.LightningModule):
             optimizer step; built with the run's SampleCounts (global batch, training set size).
         weight_decay: L2 rate 1e-5 (sec. 4.2) on conv and linear weights; BatchNorm parameters
             and biases are not decayed (ours). Replaces any weight_decay given to the optimizer.
-        label_smoothing: single-label only; 0 as the paper.
+        label_smoothing: 0 as the paper (ours otherwise): softmax targets (1 - e) on the class + e / C on every class
+            (Szegedy et al., CVPR 2016); multi-label, each class's target y (1 - e) + e / C, timm's BinaryCrossEntropy
+            smoothing. Applies to mixed soft targets too (data/mixing.py).
         channels_last: NHWC memory format for the network and its inputs.
         compile: torch.compile the network.
         compile_mode: torch.compile's mode: "default", "reduce-overhead" (CUDA graphs) or "max-autotune".
@@ -155,10 +157,15 @@ class XceptionModule(L.LightningModule):
         return self.network(images)
 
     def loss(self, logits: Tensor, target: Tensor) -> Tensor:
+        """target: class ids [B], or float [B, C] class weights (multi-hot, or mixed: data/mixing.py)."""
+        smoothing = self.hparams.label_smoothing
         if self.hparams.multilabel:
+            target = target.to(logits.dtype)
+            if smoothing:
+                target = target * (1.0 - smoothing) + smoothing / self.hparams.num_classes
             # Logistic regression per class (sec. 4.1); summed over classes, mean over images (ours).
-            return F.binary_cross_entropy_with_logits(logits, target.to(logits.dtype), reduction="sum") / len(logits)
-        return F.cross_entropy(logits, target, label_smoothing=self.hparams.label_smoothing)
+            return F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / len(logits)
+        return F.cross_entropy(logits, target, label_smoothing=smoothing)
 
     def _apply(self, fn: Callable[[Tensor], Tensor], *args: Any, **kwargs: Any) -> "XceptionModule":
         super()._apply(fn, *args, **kwargs)
@@ -167,7 +174,7 @@ class XceptionModule(L.LightningModule):
 
     def shared_step(self, batch: Batch, stage: str) -> tuple[Tensor, Tensor]:
         logits = self(batch["image"])
-        loss = self.loss(logits, batch["target"])
+        loss = self.loss(logits, batch.get("soft_target", batch["target"]))  # mixed training batches: soft targets
         if "skipped" in batch:  # samples the data workers dropped (corrupt, unreadable, bad label)
             self.counts[f"data_skipped_{stage}"] += batch["skipped"].sum()
         return logits, loss

@@ -64,3 +64,41 @@ def test_a_config_lists_augmentations_by_name(tmp_path):
         "--data.init_args.augmentations.p", "0.5"])
     parts = cli.datamodule.train_transform.transforms[1:]
     assert [type(p).__name__ for p in parts] == ["TrivialAugmentWide", "RandomErasing"] and parts[1].p == 0.5
+
+
+def test_mixing_runs_on_training_batches_after_transfer_and_the_loss_reads_the_soft_targets(tmp_path):
+    from tests.helpers import tiny_module, tiny_trainer
+    from xception_pl.data.mixing import CutMix, Mixup
+    from xception_pl.module import XceptionModule
+
+    class Recording(XceptionModule):
+        def shared_step(self, batch, stage):
+            self.seen.append((stage, batch.get("soft_target"), batch["target"].clone()))
+            return super().shared_step(batch, stage)
+
+    shards(tmp_path, "train", classes=3, per_class=4, shard_size=4)
+    dm = WebDatasetDataModule(train=str(tmp_path / "train"), val=str(tmp_path / "train"), batch_size=4, num_workers=0,
+                              image_size=71, mixing=[Mixup(alpha=1.0), CutMix(alpha=1.0)])
+    module = tiny_module(dm, cls=Recording)
+    module.seen = []
+    torch.manual_seed(0)
+    tiny_trainer(tmp_path / "run", ema=None, max_steps=3, limit_val_batches=1).fit(module, dm)
+    train = [(soft, hard) for stage, soft, hard in module.seen if stage == "train"]
+    assert len(train) == 3 and all(soft is not None for soft, _ in train)
+    for soft, hard in train:  # mixed: soft weights that sum to 1, the hard labels kept for the metrics
+        torch.testing.assert_close(soft.sum(1), torch.ones(4))
+        assert hard.dtype == torch.long
+    assert any((soft.max(1).values < 1).any() for soft, _ in train)  # (a pair of one class stays one-hot)
+    assert [soft for stage, soft, _ in module.seen if stage == "val"] == [None]  # evaluation is never mixed
+
+
+@pytest.mark.parametrize("decode_device", ["cpu", pytest.param("cuda", id="device-path")])  # its code, on the CPU
+def test_evaluation_crops_at_its_own_size(tmp_path, decode_device):
+    shards(tmp_path, "val", classes=2, per_class=2, shard_size=4)
+    dm = WebDatasetDataModule(val=str(tmp_path / "val"), batch_size=4, num_workers=0, image_size=24,
+                              eval_image_size=32, eval_resize=36, decode_device=decode_device)
+    dm.setup("validate")
+    assert next(iter(dm.val_dataloader()))["image"].shape == (4, 3, 32, 32)
+    with pytest.raises(ValueError, match="eval_resize=30 is smaller than the evaluation crop .32 px.: set eval_resize "
+                                         ">= eval_image_size, e.g. 36"):
+        WebDatasetDataModule(val=str(tmp_path / "val"), image_size=24, eval_image_size=32, eval_resize=30)

@@ -73,6 +73,21 @@ def test_label_smoothing_is_off_by_default():
     assert smoothed.loss(logits, target) != module.loss(logits, target)
 
 
+def test_label_smoothing_applies_to_mixed_targets_and_to_multilabel_as_timms_bce():
+    logits = torch.randn(3, 5)
+    mixed = torch.tensor([[0.7, 0.3, 0, 0, 0], [0, 0, 1.0, 0, 0], [0.5, 0, 0, 0, 0.5]])  # Mixup's soft targets
+    module = XceptionModule(num_classes=5, label_smoothing=0.1)
+    smoothed = mixed * 0.9 + 0.1 / 5
+    by_hand = -(smoothed * logits.log_softmax(-1)).sum(-1).mean()
+    torch.testing.assert_close(module.loss(logits, mixed), by_hand)
+    multilabel = XceptionModule(num_classes=5, multilabel=True, label_smoothing=0.1)
+    hot = torch.tensor([[1.0, 0, 0, 1, 0], [0, 1, 0, 0, 0], [0, 0, 0, 0, 1]])
+    target = hot * (1 - 0.1) + 0.1 / 5  # positives 0.92, negatives 0.02
+    p = logits.sigmoid()
+    by_hand = -(target * p.log() + (1 - target) * (1 - p).log()).sum() / 3
+    torch.testing.assert_close(multilabel.loss(logits, hot), by_hand)
+
+
 def test_predict_returns_top5_classes_and_probabilities(tmp_path):
     data = tiny_data()
     module = tiny_module(data)

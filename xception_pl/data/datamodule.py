@@ -19,6 +19,7 @@ from xception_pl.data.augmentations import Augmentation, OnDevice
 from xception_pl.data.batch_crop import PerImage, RandomResizedCropFlip, ResizeCenterCrop
 from xception_pl.data.device_decode import BatchTransform, DecodeOnDevice
 from xception_pl.data.images import image_files, image_loader
+from xception_pl.data.mixing import BatchMix, target_vectors
 from xception_pl.data.pipeline import EpochLoader, EpochSeed, carry_skips, eval_pipeline, rank_shards, train_pipeline
 from xception_pl.data.position import StreamPosition
 from xception_pl.data.samples import DecodeSamples, SkipCounter
@@ -59,8 +60,12 @@ class WebDatasetDataModule(L.LightningDataModule, DataFacts):
         batch_size: samples per batch, per device.
         num_workers: DataLoader worker processes per device (0: load in the main process); evaluation
             starts at most one per shard of the rank.
-        image_size: side of the square crops fed to the network (299 in the paper).
-        eval_resize: evaluation resizes the shorter side to this, then centre-crops image_size (ours).
+        image_size: side of the square training crops (299 in the paper); a ProgressiveResizing callback
+            (resizing.py) may shrink them on the device early in the fit.
+        eval_image_size: side of the evaluation (and predict) crops; default image_size. Larger than the
+            training size is usually better (FixRes, Touvron et al., NeurIPS 2019; docs/training.md).
+        eval_resize: evaluation resizes the shorter side to this, then centre-crops eval_image_size (ours); at
+            least eval_image_size.
         shuffle_buffer: raw training samples each worker shuffles in memory (ours; at most train_size).
         decode_device: "cpu": workers decode and augment; "cuda": workers send JPEG bytes and the
             GPU decodes (nvjpeg) and crops them, the default transforms batched (data/batch_crop.py).
@@ -68,6 +73,8 @@ class WebDatasetDataModule(L.LightningDataModule, DataFacts):
         augmentations: training augmentations after the crop and flip, in order (data/augmentations.py:
             TrivialAugmentWide, RandAugment, RandomErasing, or your own part); batched on the device with
             decode_device="cuda", where a part without a batched form is refused.
+        mixing: batch-level training parts (data/mixing.py: Mixup, CutMix), one per batch drawn uniformly, on the
+            device after the batch arrives (either decode_device); the loss reads the mixed soft targets.
         train_transform: uint8 [3, H, W] -> [3, S, S]: replaces the crop and flip (experts; the augmentations
             still follow); default RandomResizedCrop(image_size) + RandomHorizontalFlip (batched with
             decode_device="cuda"; a custom one runs image by image there).
@@ -96,11 +103,13 @@ class WebDatasetDataModule(L.LightningDataModule, DataFacts):
         batch_size: int = 32,
         num_workers: int = 8,
         image_size: int = 299,
+        eval_image_size: int | None = None,
         eval_resize: int = 333,
         shuffle_buffer: int = 5000,
         decode_device: Literal["cpu", "cuda"] = "cpu",
         max_image_pixels: int = 89_478_485,
         augmentations: list[Augmentation] | None = None,
+        mixing: list[BatchMix] | None = None,
         train_transform: transforms.Transform | None = None,
         eval_transform: transforms.Transform | None = None,
         seed: int = 0,
@@ -112,6 +121,11 @@ class WebDatasetDataModule(L.LightningDataModule, DataFacts):
         super().__init__()
         if batch_size < 1 or num_workers < 0:
             raise ValueError(f"need batch_size >= 1 and num_workers >= 0, got {batch_size} and {num_workers}")
+        eval_image_size = eval_image_size or image_size
+        if eval_resize < eval_image_size:
+            raise ValueError(f"eval_resize={eval_resize} is smaller than the evaluation crop ({eval_image_size} px): "
+                             f"set eval_resize >= eval_image_size, e.g. {round(eval_image_size * 333 / 299)} (our "
+                             "333/299 ratio)")
         splits = {"train": (train, train_size), "val": (val, val_size), "test": (test, test_size),
                   "predict": (predict, predict_size)}
         self.images = image_files(predict) if predict is not None else None  # plain images to predict
@@ -128,11 +142,12 @@ class WebDatasetDataModule(L.LightningDataModule, DataFacts):
         augmentations = list(augmentations or [])
         crop = train_transform or transforms.train_transform(image_size)
         self.train_transform = v2.Compose([crop, *augmentations]) if augmentations else crop
-        self.eval_transform = eval_transform or transforms.eval_transform(image_size, eval_resize)
+        self.eval_transform = eval_transform or transforms.eval_transform(eval_image_size, eval_resize)
+        self.mixing = list(mixing or [])
         self.batch_transforms: dict[bool, BatchTransform] = {  # decode_device="cuda", by training or not
             True: OnDevice(PerImage(train_transform) if train_transform else RandomResizedCropFlip(image_size),
                            augmentations if decode_device == "cuda" else []),
-            False: PerImage(eval_transform) if eval_transform else ResizeCenterCrop(image_size, eval_resize)}
+            False: PerImage(eval_transform) if eval_transform else ResizeCenterCrop(eval_image_size, eval_resize)}
         self.pin_memory, self.persistent_workers = pin_memory, persistent_workers
         self.prefetch_factor, self.multiprocessing_context = prefetch_factor, multiprocessing_context
         self.position = StreamPosition(seed)
@@ -248,6 +263,10 @@ class WebDatasetDataModule(L.LightningDataModule, DataFacts):
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         batch["image"] = transforms.to_model_input(batch["image"])
+        if self.mixing and self.trainer is not None and self.trainer.training and len(batch["image"]):
+            part = self.mixing[int(torch.randint(len(self.mixing), ()))]
+            targets = target_vectors(batch["target"], self.num_classes, self.multilabel)
+            batch["image"], batch["soft_target"] = part(batch["image"], targets)
         return batch
 
     def state_dict(self) -> dict[str, int]:
