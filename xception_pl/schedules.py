@@ -41,13 +41,14 @@ def sample_budget(trainer: L.Trainer, train_size: int | None, per_step: int) -> 
     return min(budgets) if budgets else None
 
 
-def samples_seen(trainer: L.Trainer, batch_size: int) -> int:
+def samples_seen(trainer: L.Trainer, per_step: int) -> int:
     """Samples of the optimizer steps taken so far in the run (resumes included, on any world size): the
-    schedule's count when it is a SampleSchedule (restored from the checkpoint), else global steps x batch."""
+    schedule's count when it is a SampleSchedule (restored from the checkpoint), else global steps x per_step
+    (the global batch; exact unless the world size changed on a resume)."""
     for config in trainer.lr_scheduler_configs:
         if isinstance(config.scheduler, SampleSchedule):
             return config.scheduler.samples_seen
-    return trainer.global_step * samples_per_step(trainer, batch_size)
+    return trainer.global_step * per_step
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ for a Trainer built in Python alike.
     last.ckpt, the newest state  LastCheckpoint (checkpointing.py)       --last_checkpoint.*  save_last=True
     Polyak averaging             PolyakAveraging (ema.py)                --ema.*          a WeightAveraging
     frozen backbone              FreezeBackbone (pretrained.py)          --freeze_backbone.*  a FreezeBackbone
+    progressive resizing         ProgressiveResizing (resizing.py)       --progressive_resizing.*  a ProgressiveResizing
     image grids                  ImageGrids (images.py)                  --images.*       an ImageGrids
     images/s                     ImagesPerSecond (callbacks.py)          -                a ThroughputMonitor
     final validation             ValidateAtEnd (callbacks.py)            -                a ValidateAtEnd
@@ -18,7 +19,7 @@ for a Trainer built in Python alike.
     config.yaml                  SaveConfigCallback                      LightningCLI (CLI only)
 
 A part whose config turns it off (`--ema.decay null`, `--checkpoint.save_top_k 0`, `--images.enabled false`,
-`--freeze_backbone.samples 0`) is left out. The checkpoint callbacks come last, as Lightning orders them, so they
+`--freeze_backbone.samples 0`, `--progressive_resizing.start_size null`) is left out. The checkpoint callbacks come last, as Lightning orders them, so they
 save what the other callbacks of the same hook have done.
 
 In Python:
@@ -47,11 +48,12 @@ from xception_pl.images import ImageGrids
 from xception_pl.per_class import PerClassMetrics
 from xception_pl.pretrained import FreezeBackbone
 from xception_pl.progress import ProgressBar
+from xception_pl.resizing import ProgressiveResizing
 from xception_pl.slurm import RequeueOnSignal
 
 # The configurable parts: the CLI's argument group of each (as Lightning's callback groups), its class.
 CONFIGURED = {"checkpoint": BestCheckpoints, "last_checkpoint": LastCheckpoint, "ema": PolyakAveraging,
-              "freeze_backbone": FreezeBackbone, "images": ImageGrids}
+              "freeze_backbone": FreezeBackbone, "progressive_resizing": ProgressiveResizing, "images": ImageGrids}
 # What a user's own callback replaces of ours: the kind, as a test.
 SAME_KIND: dict[type, Callable[[L.Callback], bool]] = {
     BestCheckpoints: lambda c: isinstance(c, ModelCheckpoint) and not isinstance(c, LastCheckpoint),
@@ -72,6 +74,7 @@ def trainer_parts(
     last_checkpoint: LastCheckpoint | None = None,
     ema: PolyakAveraging | None = None,
     freeze_backbone: FreezeBackbone | None = None,
+    progressive_resizing: ProgressiveResizing | None = None,
     images: ImageGrids | None = None,
     progress_bar: bool = True,
     config_files: Sequence[str] = (),
@@ -91,7 +94,7 @@ def trainer_parts(
         plugins.append(AtomicCheckpointIO())
     given = as_list(callbacks)
     configured = {"checkpoint": checkpoint, "last_checkpoint": last_checkpoint, "ema": ema,
-                  "freeze_backbone": freeze_backbone, "images": images}
+                  "freeze_backbone": freeze_backbone, "progressive_resizing": progressive_resizing, "images": images}
     ours = [part if part is not None else CONFIGURED[group]() for group, part in configured.items()]
     ours += [ImagesPerSecond(), ValidateAtEnd(), PerClassMetrics(), RequeueOnSignal(), RunSummary(list(config_files))]
     if progress_bar:  # ours: reads metrics only on logging steps
