@@ -1,5 +1,6 @@
 """`python -m xception_pl {fit,validate,test,predict} ...` trains; `shards` writes shards; `sweep` runs a study
-of configs/experiments/; `report` tabulates and plots its runs; `export` exports a checkpoint."""
+of configs/experiments/; `report` tabulates and plots its runs; `export` exports a checkpoint; `lr_find` runs the
+lr range test on a config."""
 
 import sys
 
@@ -18,6 +19,10 @@ def main(args: list[str] | None = None) -> None:
         from xception_pl.report import main as report
 
         report(argv[1:])
+    elif argv[:1] == ["lr_find"]:
+        from xception_pl.lr_find import main as lr_find
+
+        lr_find(argv[1:])
     elif argv[:1] == ["export"]:
         from xception_pl.export import main as export
 

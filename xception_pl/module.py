@@ -25,7 +25,8 @@ from xception_pl.hyperparameters import UNDESCRIBED, log_hyperparameters, record
 from xception_pl.metrics import MeanAveragePrecisionAtK, TopLabelAccuracy
 from xception_pl.model import Xception
 from xception_pl.pretrained import load_pretrained, param_groups, scale_lrs
-from xception_pl.schedules import SampleCounts, SampleScheduleCallable, sample_budget, samples_per_step
+from xception_pl.schedules import (SampleCounts, SampleSchedule, SampleScheduleCallable, sample_budget,
+                                  samples_per_step)
 
 log = logging.getLogger(__name__)
 COUNTS = ("nonfinite_losses", "first_nonfinite_step", "first_nonfinite_batch", "skipped_steps", "fp16_overflows",
@@ -356,8 +357,8 @@ class XceptionModule(L.LightningModule):
                 if key not in ("lr", "initial_lr") and group.get(key) != value:
                     edits.add(f"{key}={value} (checkpoint: {group.get(key)})")
                     group[key] = value
-        if self.lr_schedulers() is not None:
-            scheduler = self.lr_schedulers()
+        scheduler = self.lr_schedulers()
+        if isinstance(scheduler, SampleSchedule):  # ours (lr_find swaps in its own, which sets its own lrs)
             for group, lr in zip(optimizer.param_groups, scheduler.get_lr()):
                 group["lr"] = lr
             scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
