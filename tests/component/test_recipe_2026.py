@@ -55,3 +55,41 @@ def test_progressive_resizing_needs_a_budget_and_a_size_xception_takes():
     with pytest.raises(ValueError, match="at least 71 px"):
         ProgressiveResizing(start_size=64)
     assert not ProgressiveResizing().enabled  # off by default
+
+
+def small(config: str, train: str, run: str, *extra: str) -> list[str]:
+    """The config at CPU size on our writer's shards: 87 px crops from 72 px, evaluation at 96."""
+    return ["fit", "--config", config, "--data.init_args.train", train, "--data.init_args.val", train,
+            "--data.init_args.batch_size", "4", "--data.init_args.num_workers", "0", "--data.init_args.image_size", "87",
+            "--data.init_args.eval_image_size", "96", "--data.init_args.eval_resize", "100",
+            "--progressive_resizing.start_size", "72", "--progressive_resizing.multiple", "8",
+            "--model.lr_scheduler.init_args.warmup_samples", "4", "--trainer.accelerator", "cpu",
+            "--trainer.devices", "1", "--trainer.strategy", "auto", "--trainer.precision", "32-true",
+            "--trainer.max_epochs", "1", "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false",
+            "--trainer.default_root_dir", run, *extra]
+
+
+@pytest.mark.parametrize("recipe", ["imagenet_2026", "jft_2026"])
+def test_the_2026_recipes_fit_on_cpu_at_small_size(tmp_path, recipe):
+    from tests.data_helpers import jsonl_source, shards
+    from tests.helpers import ROOT
+    from xception_pl.cli import main
+    from xception_pl.data.writer import write_shards
+
+    if recipe == "jft_2026":  # multi-label shards
+        labels = [[i % 3, (i + 1) % 3] if i % 2 else [i % 3] for i in range(12)]
+        write_shards(str(jsonl_source(tmp_path / "src", labels)), str(tmp_path / "train"), shard_size=4, workers=1,
+                     progress=False)
+    else:
+        shards(tmp_path, "train", classes=3, per_class=4, shard_size=4)
+    run = tmp_path / "run"
+    main(small(str(ROOT / "configs" / f"{recipe}.yaml"), str(tmp_path / "train"), str(run),
+               *(["--trainer.val_check_interval", "3"] if recipe == "jft_2026" else [])))
+    logged = scalars(run)
+    sizes = [value for _, value in logged["train/image_size"]]
+    # 72 + 15 x s / 8.4 at s = 0, 4, 8 (0.7 of 12 samples), to a multiple of 8, at most the crop
+    assert sizes == [72.0, 80.0, 87.0]
+    lrs = [value for _, value in logged["train/lr"]]
+    assert lrs[0] < max(lrs) and lrs[-1] < max(lrs)  # warm-up, then the decay towards zero at the budget's end
+    main_metric = "val/map100" if recipe == "jft_2026" else "val/acc1"
+    assert main_metric in logged and (run / "checkpoints" / "last.ckpt").is_file()
