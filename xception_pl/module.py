@@ -109,7 +109,12 @@ class XceptionModule(L.LightningModule):
         if channels_last:
             self.network.to(memory_format=torch.channels_last)
         if compile:
-            self.network.compile(mode=compile_mode)
+            # One static graph per input size (ours): with progressive resizing and a larger evaluation size a run
+            # sees a handful of sizes. Dynamic shapes (torch's default from the second size on) graph-break at the
+            # TF-"same" max-pools, whose padding depends on the size, and recompile at every size (measured,
+            # docs/training.md "Progressive resizing"); static graphs compile once per size and never again.
+            self.network.compile(mode=compile_mode, dynamic=False)
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)  # sizes x modes
         self.metrics = nn.ModuleDict({stage: self.build_metrics(stage) for stage in ("val", "test")})
         self.losses = nn.ModuleDict({stage: MeanMetric() for stage in ("val", "test")})
         self.batchnorm_state = BatchNormState(self.network)

@@ -10,8 +10,8 @@ workers need not know the schedule. Evaluation is not resized (data.eval_image_s
 
 The batch size stays fixed: the lr schedule, the Polyak averaging and the sample counts assume one global batch,
 and the memory a step needs is bounded by the final size, which the run must fit anyway. Each new size is a new
-input shape: with `trainer.benchmark: true` cuDNN autotunes once per size (a handful per run), and torch.compile
-recompiles at the second size (then with dynamic height and width, automatic dynamic shapes) and not again;
+input shape: with `trainer.benchmark: true` cuDNN autotunes once per size (a handful per run), and
+`model.compile` compiles one static graph per size, once (module.py says why not dynamic shapes);
 compile_mode "reduce-overhead" records one CUDA graph per size.
 """
 

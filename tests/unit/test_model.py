@@ -284,3 +284,15 @@ def test_drop_path_drops_whole_residual_branches_of_the_middle_flow_in_training_
     assert 10 < int(dropped.sum()) < 45  # ~0.4 of 64
     with pytest.raises(ValueError, match="drop_path_rate"):
         Xception(drop_path_rate=1.0)
+
+
+def test_compiled_with_static_shapes_each_input_size_is_one_graph_without_breaks():
+    """What XceptionModule(compile=True) relies on under progressive resizing (module.py: dynamic=False)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(Xception(num_classes=4), backend="eager", dynamic=False)
+    for size in (72, 80, 72):
+        compiled(torch.randn(1, 3, size, size)).sum().backward()
+    assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"]
