@@ -39,6 +39,7 @@ def validate(tmp_path: Path, name: str, devices: int, data: dict | None = None) 
     return {tag: values[-1][1] for tag, values in scalars(run).items() if tag.startswith("val/")}
 
 
+@pytest.mark.slow  # the uneven case below (one shard, two ranks) runs the same path in the default suite
 def test_two_process_validation_equals_one_process(tmp_path):
     one = validate(tmp_path, "one", devices=1)
     two = validate(tmp_path, "two", devices=2)

@@ -44,7 +44,9 @@ def cpu_config(job_dir: Path, demo_root: Path, multilabel: bool, max_steps: int,
         "trainer": {"accelerator": "cpu", "precision": "32-true", "max_steps": max_steps, "limit_val_batches": 1,
                     "val_check_interval": 1.0, "check_val_every_n_epoch": 1, "log_every_n_steps": 1, "num_sanity_val_steps": 0,
                     "enable_progress_bar": False, "enable_model_summary": False},
-        "model": {"channels_last": False},
+        # The network: what these tests check is SLURM's and DDP's (tasks, ranks, requeue, identical replicas), and
+        # Xception's 250 MB checkpoints made each job take a minute; the recipes' Xception trains in test_cli.
+        "model": {"channels_last": False, "network": {"class_path": "tests.crash.TinyNetwork"}},
         "ema": {"decay": 0.5},
         "data": {"class_path": "xception_pl.data.DemoDataModule",
                  "init_args": {"root": str(demo_root), "multilabel": multilabel, "num_classes": DEMO["num_classes"],
