@@ -67,6 +67,7 @@ def test_a_config_lists_augmentations_by_name(tmp_path):
 
 
 def test_mixing_runs_on_training_batches_after_transfer_and_the_loss_reads_the_soft_targets(tmp_path):
+    from tests.crash import TinyNetwork
     from tests.helpers import tiny_module, tiny_trainer
     from xception_pl.data.mixing import CutMix, Mixup
     from xception_pl.module import XceptionModule
@@ -79,7 +80,7 @@ def test_mixing_runs_on_training_batches_after_transfer_and_the_loss_reads_the_s
     shards(tmp_path, "train", classes=3, per_class=4, shard_size=4)
     dm = WebDatasetDataModule(train=str(tmp_path / "train"), val=str(tmp_path / "train"), batch_size=4, num_workers=0,
                               image_size=71, mixing=[Mixup(alpha=1.0), CutMix(alpha=1.0)])
-    module = tiny_module(dm, cls=Recording)
+    module = tiny_module(dm, cls=Recording, network=TinyNetwork)  # what reaches the loss is the data's
     module.seen = []
     torch.manual_seed(0)
     tiny_trainer(tmp_path / "run", ema=None, max_steps=3, limit_val_batches=1).fit(module, dm)
