@@ -16,7 +16,8 @@ the device. Configured as a list:
 
 Targets mix with the images: one-hot class vectors (single-label), or the multi-hot label vectors (multi-label, so
 a class both images have keeps weight 1). The batch keeps its hard "target" for the metrics; the loss reads
-"soft_target" (module.py).
+"soft_target" (module.py). Ours rather than torchvision's v2.MixUp/CutMix or timm's Mixup: those take class ids
+only, and JFT-style targets are multi-hot.
 """
 
 from __future__ import annotations
