@@ -115,6 +115,7 @@ class XceptionModule(L.LightningModule):
             # docs/training.md "Progressive resizing"); static graphs compile once per size and never again.
             self.network.compile(mode=compile_mode, dynamic=False)
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)  # sizes x modes
+            # (a dynamo setting, docs/code.md "Seams": at its default of 8 a frame past 8 graphs runs uncompiled)
         self.metrics = nn.ModuleDict({stage: self.build_metrics(stage) for stage in ("val", "test")})
         self.losses = nn.ModuleDict({stage: MeanMetric() for stage in ("val", "test")})
         self.batchnorm_state = BatchNormState(self.network)

@@ -19,8 +19,8 @@ for a Trainer built in Python alike.
     config.yaml                  SaveConfigCallback                      LightningCLI (CLI only)
 
 A part whose config turns it off (`--ema.decay null`, `--checkpoint.save_top_k 0`, `--images.enabled false`,
-`--freeze_backbone.samples 0`, `--progressive_resizing.start_size null`) is left out. The checkpoint callbacks come last, as Lightning orders them, so they
-save what the other callbacks of the same hook have done.
+`--freeze_backbone.samples 0`, `--progressive_resizing.start_size null`) is left out. The checkpoint callbacks come
+last, as Lightning orders them, so they save what the other callbacks of the same hook have done.
 
 In Python:
 

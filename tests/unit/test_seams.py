@@ -243,3 +243,16 @@ def test_host_syncs_py_sees_every_host_read_as_local_scalar_dense():
         float(torch.ones(()))
         bool(torch.ones(()))
     assert counter.reads == 3
+
+
+def test_module_py_raises_dynamos_recompile_limit_which_dynamo_still_names_so():
+    import torch._dynamo
+
+    from xception_pl.module import XceptionModule
+
+    limit = torch._dynamo.config.recompile_limit
+    try:
+        XceptionModule(num_classes=3, compile=True)
+        assert torch._dynamo.config.recompile_limit == max(limit, 32)
+    finally:
+        torch._dynamo.config.recompile_limit = limit
