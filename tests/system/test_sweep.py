@@ -127,12 +127,17 @@ def test_every_study_of_the_paper_parses_against_the_cli(study, capsys, monkeypa
     ("2", "error: task 2 is not in 0-1: {study} has 2 tasks (none, relu); submit with --array=0-1"),
     ("x", "error: task x is not in 0-1"),
 ])
-def test_a_task_id_out_of_range_fails_with_one_line(tmp_path, task, message):
+def test_a_task_id_out_of_range_fails_with_one_line(tmp_path, task, message, monkeypatch):
+    """In this process (`python -m xception_pl sweep` is xception_pl.sweep.main): a SystemExit with a message is
+    exit code 1 and that one line on stderr, no traceback."""
+    from xception_pl.sweep import main as sweep_main
+
+    monkeypatch.chdir(ROOT)
     study = tiny_study(tmp_path)
-    result = sweep(study, "--task", task, "--base", tiny_base(tmp_path), timeout=120)
-    assert result.returncode == 1
-    assert result.stderr.strip().startswith(message.format(study=study)), result.stderr
-    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    with pytest.raises(SystemExit) as stop:
+        sweep_main([str(study), "--task", task, "--base", str(tiny_base(tmp_path))])
+    said = str(stop.value.code)
+    assert said.startswith(message.format(study=study)) and "\n" not in said, said
 
 
 @pytest.mark.parametrize("content, message", [
@@ -142,11 +147,16 @@ def test_a_task_id_out_of_range_fails_with_one_line(tmp_path, task, message):
     ("base: configs/nope.yaml\nvariants: {a: {}}\n", "base config configs/nope.yaml does not exist"),
     ("base: configs/imagenet.yaml\nvariants: {a/b: {}}\n", "variant name 'a/b' must be a directory name"),
 ])
-def test_a_bad_study_file_fails_before_any_run(tmp_path, content, message):
+def test_a_bad_study_file_fails_before_any_run(tmp_path, content, message, monkeypatch):
+    from xception_pl.sweep import main as sweep_main  # in this process, as the test above
+
+    monkeypatch.chdir(ROOT)
     path = tmp_path / "bad.yaml"
     path.write_text(content)
-    result = sweep(path, "--local", "--runs", tmp_path / "runs", timeout=120)
-    assert result.returncode == 1 and message in result.stderr, result.stderr
+    with pytest.raises(SystemExit) as stop:
+        sweep_main([str(path), "--local", "--runs", str(tmp_path / "runs")])
+    said = str(stop.value.code)
+    assert said.startswith("error: ") and message in said and "\n" not in said, said
     assert not (tmp_path / "runs").exists()
 
 
