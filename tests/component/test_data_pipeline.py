@@ -42,7 +42,8 @@ def test_train_batches_have_the_documented_format(tmp_path):
     batches = list(loader)
     assert len(loader) == len(batches) == 12 // 4
     batch = batches[0]
-    assert set(batch) == {"image", "target", "skipped", "key"}
+    assert set(batch) == {"image", "target", "skipped", "key", "stream"}
+    assert [b["stream"][:2].tolist() for b in batches] == [[0, 4], [0, 8], [0, 12]]  # slot, raw samples used
     assert batch["image"].shape == (4, 3, 24, 24) and batch["image"].dtype == torch.uint8
     assert batch["target"].dtype == torch.long and batch["target"].shape == (4,)
     assert batch["skipped"].tolist() == [0] * len(SKIP_REASONS)

@@ -176,7 +176,8 @@ SHUFFLE_BUFFER = 8
 def fit_batches(root: Path, data: Path, ckpt_path: Path | None = None, max_steps: int = -1, num_workers: int = 0):
     """Two epochs of 12 batches (48 samples), last.ckpt after every step; the batches it trained on."""
     dm = WebDatasetDataModule(train=str(data), batch_size=4, num_workers=num_workers, image_size=16,
-                              shuffle_buffer=SHUFFLE_BUFFER, seed=1, multiprocessing_context="fork")
+                              shuffle_buffer=SHUFFLE_BUFFER, seed=1, multiprocessing_context="fork",
+                              persistent_workers=False)  # persistent ones, collected in a later test, cost 5 s each
     recorder = BatchRecorder()
     trainer = L.Trainer(accelerator="cpu", max_epochs=2, max_steps=max_steps, default_root_dir=root, logger=False,
                         enable_progress_bar=False, enable_model_summary=False, plugins=[AtomicCheckpointIO()],
@@ -196,24 +197,34 @@ def keys(batches) -> list[str]:
     return [key for batch in batches for key in batch[3]]
 
 
-def test_a_run_resumed_mid_epoch_ends_the_epoch_on_time_without_replaying_it(tmp_path, epoch_data):
-    data, full = epoch_data
-    before = fit_batches(tmp_path / "run", data, max_steps=5)  # stopped after 5 of the epoch's 12 steps
-    (tmp_path / "step5.ckpt").write_bytes((tmp_path / "run" / "checkpoints" / "last.ckpt").read_bytes())
-    after = fit_batches(tmp_path / "run", data, ckpt_path=tmp_path / "step5.ckpt", num_workers=1)
+@pytest.fixture(scope="module")
+def two_worker_run(epoch_data, tmp_path_factory) -> list:
+    return fit_batches(tmp_path_factory.mktemp("two-workers"), epoch_data[0], num_workers=2)
 
-    # (epoch, batch_idx, step) as uninterrupted: the epoch ends at step 12, not 12 + 5
-    assert [b[:3] for b in before + after] == [b[:3] for b in full]
-    rest = [b for b in after if b[0] == 0]
-    # Lightning alone restarts the loader: the epoch's first batches would come again
-    assert all(resumed[3] != first[3] for resumed, first in zip(rest, full))
-    # what the rest of the epoch shares with its first part: chance (shards are drawn with replacement),
-    # as for an uninterrupted run, give or take a shuffle buffer
-    seen = set(keys(before))
-    assert len(seen & set(keys(rest))) <= len(seen & set(keys(full[5:12]))) + SHUFFLE_BUFFER
-    # later epochs are the uninterrupted run's, and a second resume from that checkpoint draws the same
-    assert [b for b in after if b[0] == 1] == [b for b in full if b[0] == 1]
-    assert fit_batches(tmp_path / "again", data, ckpt_path=tmp_path / "step5.ckpt", max_steps=8) == after[:3]
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_run_resumed_mid_epoch_trains_exactly_the_batches_of_an_uninterrupted_run(
+        tmp_path, epoch_data, two_worker_run, workers):
+    data, full = epoch_data[0], (two_worker_run if workers else epoch_data[1])
+    before = fit_batches(tmp_path / "run", data, max_steps=5, num_workers=workers)  # 5 of the epoch's 12 steps
+    (tmp_path / "step5.ckpt").write_bytes((tmp_path / "run" / "checkpoints" / "last.ckpt").read_bytes())
+    # 0 workers and 1 are the same stream (one slot); with 2, the resumed pass starts at worker 1's slot
+    after = fit_batches(tmp_path / "run", data, ckpt_path=tmp_path / "step5.ckpt", num_workers=workers or 1)
+    # (epoch, batch_idx, step, keys) as uninterrupted: the epoch ends at step 12, not 12 + 5, with the same samples
+    assert before + after == full
+    assert [b[3] for b in after[:7]] != [b[3] for b in full[:7]]  # Lightning alone would restart the epoch
+
+
+def test_a_mid_epoch_resume_with_other_workers_ends_the_epoch_on_time_with_a_fresh_draw(
+        tmp_path, epoch_data, two_worker_run):
+    data, full = epoch_data[0], two_worker_run
+    fit_batches(tmp_path / "run", data, max_steps=5, num_workers=2)
+    after = fit_batches(tmp_path / "run", data, ckpt_path=tmp_path / "run" / "checkpoints" / "last.ckpt",
+                        num_workers=1)
+    assert [b[:3] for b in after] == [b[:3] for b in full[5:]]
+    assert [b[3] for b in after if b[0] == 0] != [b[3] for b in full[5:12]]  # not exact: another slot count
+    one_slot = epoch_data[1]  # the next epoch is exact again: a one-worker run's
+    assert [b for b in after if b[0] == 1] == [b for b in one_slot if b[0] == 1]
 
 
 def test_a_run_resumed_from_the_end_of_an_epoch_trains_the_next_epoch_as_uninterrupted(tmp_path, epoch_data):

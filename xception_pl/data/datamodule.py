@@ -37,7 +37,9 @@ class WebDatasetDataModule(L.LightningDataModule, DataFacts):
     "image": [B, 3, S, S], uint8 from the loader, scaled to [-1, 1] on the device by `on_after_batch_transfer`
     (x / 127.5 - 1, the paper's Keras preprocessing); "target": long [B] class ids, or float
     [B, num_classes] multi-hot; "skipped": long [len(SKIP_REASONS)], samples dropped since the previous
-    batch, per reason; "key": the sample keys. decode_device="cuda": the device decodes and crops.
+    batch, per reason; "key": the sample keys; training batches also "stream": long [3] (slot, raw samples
+    the slot used, the seed of the batch's randomness), which `on_before_batch_transfer` takes off (it makes
+    a resume exact: data/position.py). decode_device="cuda": the device decodes and crops.
 
     Training gives every rank train_size // (batch_size * world_size) full batches per epoch (DDP never
     waits on a rank), from shards drawn with replacement; a resumed epoch trains only its remaining batches
@@ -196,7 +198,7 @@ class WebDatasetDataModule(L.LightningDataModule, DataFacts):
         if self.position.batch_shift and self.trainer is not None:  # Lightning's loops are restored by now
             shift_batch_progress(self.trainer, self.position.batch_shift)
             self.position.batch_shift = 0
-        seeds = EpochSeed(self.position.seed, self.rank)
+        seeds = EpochSeed(self.position.seed, self.rank, self.num_workers)
         shards = self.split("train")
         shuffle_buffer = min(self.shuffle_buffer, shards.size)  # no point holding more than the data set
         pipeline = train_pipeline(shards.urls, seeds, self.decoder("train"), self.batch_size, shuffle_buffer,
@@ -261,6 +263,13 @@ class WebDatasetDataModule(L.LightningDataModule, DataFacts):
                                 **self.loader_args())
         return self.eval_dataloader("predict")
 
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if "stream" in batch:  # a training batch reaches the step: its place is noted, its randomness seeded
+            seed = self.position.trained(batch.pop("stream").tolist())
+            if self.trainer is not None and self.trainer.training:
+                torch.manual_seed(seed)  # mixing, dropout, stochastic depth: the batch's alone (an exact resume)
+        return batch
+
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         batch["image"] = transforms.to_model_input(batch["image"])
         if self.mixing and self.trainer is not None and self.trainer.training and len(batch["image"]):
@@ -269,17 +278,23 @@ class WebDatasetDataModule(L.LightningDataModule, DataFacts):
             batch["image"], batch["soft_target"] = part(batch["image"], targets)
         return batch
 
-    def state_dict(self) -> dict[str, int]:
+    def state_dict(self) -> dict[str, Any]:
         if self.trainer is None or self.trainer.state.fn != TrainerFn.FITTING:
             return self.position.state_dict()
         trained = trained_batches(self.trainer.fit_loop.epoch_loop.batch_progress.current)
-        return self.position.state_dict(trained, self.trainer.num_training_batches, self.batch_size * self.world_size)
+        state = self.position.state_dict(trained, self.trainer.num_training_batches, self.batch_size * self.world_size)
+        # Every rank's streams, for an exact resume: every rank saves together (Trainer.save_checkpoint), rank 0 writes.
+        used = [list(self.position.used)]
+        if self.world_size > 1 and dist.is_initialized():
+            used = [None] * self.world_size
+            dist.all_gather_object(used, list(self.position.used))
+        return {**state, "used": used}
 
-    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # In samples: a resume on another world size goes on at the same sample of the epoch (setup has run).
         fitting = self.trainer is not None and "train" in self.shards
         self.position.load_state_dict(state_dict, self.batch_size * self.world_size if fitting else None,
-                                      self.batches_per_rank() if fitting else None)
+                                      self.batches_per_rank() if fitting else None, self.world_size)
         # Lightning warns that a loader without its own state_dict replays a resumed epoch; this one does not.
         warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
 

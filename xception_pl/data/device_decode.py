@@ -64,6 +64,8 @@ class DecodeOnDevice:
         if "jpeg" not in batch:  # the empty batch that carries a worker's last skip counts
             return batch, None
         jpegs = unpack(batch.pop("jpeg"), batch.pop("jpeg_offsets"))
+        if "stream" in batch:  # a training batch: its crops' draws are a function of its place in the stream
+            torch.default_generator.manual_seed(int(batch["stream"][2]) ^ 1)
         with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
             images = decode_all(jpegs, self.device) if jpegs else []
             keep = [i for i, image in enumerate(images) if image is not None]

@@ -34,35 +34,62 @@ def worker_slot() -> tuple[int, int]:
 
 
 class EpochSeed:
-    """Seeds every random stream from (seed, epoch, rank, worker) and, on the pass that resumes an epoch
-    mid-way, the batch it resumes at. Epoch and batch live in shared memory, so persistent workers see
-    the values the main process sets before each pass (EpochLoader)."""
+    """Seeds every random stream of a pass from (seed, epoch, rank, slot). Epoch, batch and the exact resume's
+    skips live in shared memory, so persistent workers see the values the main process sets before each pass
+    (EpochLoader).
 
-    def __init__(self, seed: int, rank: int) -> None:
+    A slot is one of the rank's `num_workers` streams: batch t of an epoch comes from slot t % num_workers (the
+    DataLoader takes its workers in turn). A pass that resumes an epoch at batch b exactly (same world size and
+    workers) runs slot (worker + b) % num_workers in each worker, from the epoch's start, skipping the raw
+    samples the slot's trained batches used without decoding them: its batches are those an uninterrupted run
+    draws. Otherwise (another world size) the resumed pass is a fresh draw seeded with its batch."""
+
+    def __init__(self, seed: int, rank: int, workers: int = 1) -> None:
         self.seed, self.rank = seed, rank
         self._epoch = multiprocessing.RawValue("q", 0)
         self._batch = multiprocessing.RawValue("q", 0)
+        self._exact = multiprocessing.RawValue("b", 1)
+        self._skips = multiprocessing.RawArray("q", max(1, workers))
 
     @property
     def epoch(self) -> int:
         return self._epoch.value
 
-    @epoch.setter
-    def epoch(self, value: int) -> None:
-        self._epoch.value = value
-
     @property
     def batch(self) -> int:
         return self._batch.value
 
-    @batch.setter
-    def batch(self, value: int) -> None:
-        self._batch.value = value
+    @property
+    def exact(self) -> bool:
+        return bool(self._exact.value)
+
+    def start(self, epoch: int, batch: int, skips: list[int] | None) -> None:
+        """Before a pass: it starts at (epoch, batch); `skips`, raw samples per slot, for an exact resume."""
+        self._epoch.value, self._batch.value = epoch, batch
+        self._exact.value = batch == 0 or skips is not None
+        for slot in range(len(self._skips)):
+            self._skips[slot] = skips[slot] if skips is not None else 0
+
+    def slot(self) -> tuple[int, int]:
+        """(this worker's slot, the number of slots)."""
+        worker, workers = worker_slot()
+        return ((worker + self.batch) % workers if self.exact else worker), workers
+
+    def skip(self) -> int:
+        """Raw samples this worker's slot skips at the start of the pass (an exact resume)."""
+        return self._skips[self.slot()[0]] if self.exact else 0
+
+    def first_batch(self) -> int:
+        """The epoch's index of the first batch this worker yields in the pass."""
+        slot, workers = self.slot()
+        if not self.exact:
+            return self.batch + worker_slot()[0]
+        done = max(0, -(-(self.batch - slot) // workers))  # the slot's batches among the epoch's first `batch`
+        return slot + done * workers
 
     def rng(self, stream: str) -> random.Random:
-        worker, _ = worker_slot()
-        resumed = f"/resumed-at-{self.batch}" if self.batch else ""
-        return random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{worker}/{stream}{resumed}")
+        resumed = f"/resumed-at-{self.batch}" if self.batch and not self.exact else ""
+        return random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{self.slot()[0]}/{stream}{resumed}")
 
 
 class ResampledShards:
@@ -73,8 +100,6 @@ class ResampledShards:
         self.urls, self.seeds = urls, seeds
 
     def __call__(self) -> Iterator[dict[str, str]]:
-        if get_worker_info() is not None:  # augmentation draws from torch's RNG; only reseed a worker's own
-            torch.manual_seed(self.seeds.rng("torch").getrandbits(63))
         rng = self.seeds.rng("shards")
         while True:
             yield {"url": rng.choice(self.urls)}
@@ -105,6 +130,30 @@ def shuffle_samples(samples: Iterator[dict[str, Any]], shuffle_buffer: int,
     return wds.shuffle(shuffle_buffer, initial=max(1, shuffle_buffer // 10), rng=seeds.rng("samples"))(samples)
 
 
+def number_samples(samples: Iterator[dict[str, Any]], seeds: EpochSeed) -> Iterator[dict[str, Any]]:
+    """Each raw sample of the slot's stream gets its index and the seed of its augmentation, a function of
+    (seed, epoch, rank, slot, index) alone (counter-based, ours); on an exact resume the samples the slot
+    already trained on pass by undecoded."""
+    skip, base = seeds.skip(), seeds.rng("augmentation").getrandbits(62)
+    for index, sample in enumerate(samples):
+        if index >= skip:
+            sample["__index__"], sample["__seed__"] = index, (base + index * 0x9E3779B97F4A7C15) % 2 ** 62
+            yield sample
+
+
+def number_batches(batches: Iterator[dict[str, Any]], seeds: EpochSeed) -> Iterator[dict[str, Any]]:
+    """Each training batch carries "stream": [slot, raw samples the slot has used, the seed of the batch's
+    randomness in the main process (device augmentation, mixing, dropout)], a function of (seed, epoch, rank,
+    the batch's index in the epoch)."""
+    slot, workers = seeds.slot()
+    index = seeds.first_batch()
+    for batch in batches:
+        seed = random.Random(f"{seeds.seed}/{seeds.epoch}/{seeds.rank}/batch/{index}").getrandbits(62)
+        batch["stream"] = torch.tensor([slot, batch.pop("used"), seed])
+        index += workers
+        yield batch
+
+
 def train_pipeline(urls: list[str], seeds: EpochSeed, decoder: DecodeSamples, batch_size: int,
                    shuffle_buffer: int, encoded: bool) -> wds.DataPipeline:
     counter = decoder.counter
@@ -114,8 +163,10 @@ def train_pipeline(urls: list[str], seeds: EpochSeed, decoder: DecodeSamples, ba
         partial(tar_samples, handler=counter.handler),  # the files in each tar (errors counted)
         partial(group_by_keys, handler=counter.handler),  # files with one key -> one raw sample
         partial(shuffle_samples, shuffle_buffer=shuffle_buffer, seeds=seeds),  # shuffle raw bytes, before decoding
+        partial(number_samples, seeds=seeds),  # index and seed each sample; an exact resume skips what was trained
         decoder,  # check header and label, decode, augment; bad samples counted and dropped
         wds.batched(batch_size, partial=False, collation_fn=Collate(counter, encoded)),  # full batches only
+        partial(number_batches, seeds=seeds),  # the batch's place in the stream and its seed
     )
 
 
@@ -169,13 +220,15 @@ class EpochLoader(wds.WebLoader):
                  trainer: L.Trainer | None, num_batches: int, **loader_args: Any) -> None:
         super().__init__(dataset, batch_size=None, **loader_args)
         self.seeds, self.position, self.trainer, self.num_batches = seeds, position, trainer, num_batches
+        self.slots = max(1, loader_args.get("num_workers", 0))  # one stream per worker (EpochSeed)
         self.with_epoch(num_batches)
 
     def __iter__(self) -> Iterator[Any]:
         # Lazily, at the first batch: Lightning also calls iter() once just to see that the loader is iterable.
         trainer_epoch = self.trainer.current_epoch if self.trainer is not None else None
-        self.seeds.epoch, self.seeds.batch = self.position.next_pass(trainer_epoch)
-        self.nsamples = self.num_batches - self.seeds.batch
+        epoch, batch = self.position.next_pass(trainer_epoch, self.slots, self.seeds.rank)
+        self.seeds.start(epoch, batch, self.position.skips)
+        self.nsamples = self.num_batches - batch
         if self.nsamples > 0:  # with_epoch reads 0 as "endless"
             yield from super().__iter__()
 

@@ -142,12 +142,16 @@ class DecodeSamples:
     def __call__(self, samples: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         for sample in samples:
             key = sample.get("__key__", "?")
+            if "__seed__" in sample:  # the augmentation's draws, a function of the sample's place alone
+                torch.default_generator.manual_seed(sample["__seed__"])
             try:
                 out = self.decode(sample)
             except Skip as skip:
                 self.counter.skip(skip.reason, f"{key} in {sample.get('__url__')}: {skip}")
                 continue
             self.counter.read_error_streak = 0
+            if "__index__" in sample:  # training: where the sample is in its slot's stream (pipeline.number_samples)
+                out["index"] = sample["__index__"]
             yield out
 
     def decode(self, sample: dict[str, Any]) -> dict[str, Any]:
@@ -209,6 +213,8 @@ class Collate:
             "skipped": self.counter.take(),
             "key": [s["key"] for s in samples],
         }
+        if "index" in samples[-1]:  # training: the raw samples of the stream this batch used up
+            batch["used"] = samples[-1]["index"] + 1
         if self.encoded:
             batch["jpeg"], batch["jpeg_offsets"] = pack(images)
         else:
