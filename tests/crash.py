@@ -14,14 +14,15 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-Hook = Literal["train_step", "validation", "checkpoint_write"]
-HOOKS: tuple[Hook, ...] = ("train_step", "validation", "checkpoint_write")
+Hook = Literal["train_step", "validation", "checkpoint_write", "sigterm"]
+HOOKS: tuple[Hook, ...] = ("train_step", "validation", "checkpoint_write", "sigterm")
 
 
 class KillAt(L.Callback):
     """SIGKILLs this process at the `at`-th (1-based) occurrence of `hook` in it: "train_step" between
     backward and the optimizer step, "validation" after a validation batch, "checkpoint_write" halfway
-    through writing a checkpoint's temporary file (the half is flushed and fsynced, so it is on disk)."""
+    through writing a checkpoint's temporary file (the half is flushed and fsynced, so it is on disk);
+    "sigterm" sends SIGTERM instead at the `at`-th train step (a graceful stop: hpc_ckpt_N.ckpt, exit 143)."""
 
     def __init__(self, hook: Hook, at: int) -> None:
         self.hook, self.at, self.count = hook, at, 0
@@ -50,6 +51,8 @@ class KillAt(L.Callback):
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
         if self.tick("train_step"):
             os.kill(os.getpid(), signal.SIGKILL)
+        if self.tick("sigterm"):
+            os.kill(os.getpid(), signal.SIGTERM)
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if self.tick("validation"):
@@ -61,12 +64,12 @@ class TinyNetwork(nn.Module):
     loops, data and checkpoints around the network; Xception's 250 MB checkpoints would make each of their
     many runs take a minute."""
 
-    def __init__(self, num_classes: int) -> None:
+    def __init__(self, num_classes: int, dropout: float = 0.0) -> None:
         super().__init__()
         self.features = nn.Sequential(
             nn.Conv2d(3, 8, 3, stride=2, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
             nn.Conv2d(8, 16, 3, stride=2, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten())
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout))
         self.fc = nn.Linear(16, num_classes)
 
     def forward(self, images: Tensor) -> Tensor:

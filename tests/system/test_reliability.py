@@ -39,17 +39,21 @@ def demo_root(tmp_path_factory) -> Path:
 
 
 def fit_config(path: Path, run: Path, demo_root: Path, network: str = "tests.crash.TinyNetwork",
-               checkpoint_every_n_steps: int | None = 2, **trainer) -> Path:
-    """Two epochs of 6 steps on the demo data; last.ckpt every 2 steps, validation (and best-k) every 3."""
+               checkpoint_every_n_steps: int | None = 2, workers: int = 0, **trainer) -> Path:
+    """Two epochs of 6 steps on the demo data; last.ckpt every 2 steps, validation (and best-k) every 3. With
+    TinyNetwork, every kind of randomness a run has: crops, Mixup, dropout, and the Polyak average. 0 data
+    workers and 1 draw the same stream."""
+    tiny = network == "tests.crash.TinyNetwork"
     return run_config(
         path, run, seed_everything=0,
         trainer={"max_epochs": EPOCHS, "num_sanity_val_steps": 0, "val_check_interval": 3, **trainer},
-        model={"network": {"class_path": network}}, checkpoint={"save_top_k": 2},
-        last_checkpoint={"every_n_train_steps": checkpoint_every_n_steps},
+        model={"network": {"class_path": network, **({"init_args": {"dropout": 0.2}} if tiny else {})}},
+        checkpoint={"save_top_k": 2}, last_checkpoint={"every_n_train_steps": checkpoint_every_n_steps},
         data={"class_path": "xception_pl.data.DemoDataModule",
               "init_args": {"root": str(demo_root), "num_classes": 3, "train_images_per_class": 8,
-                            "val_images_per_class": 4, "source_size": 32, "batch_size": 4, "num_workers": 0,
-                            "image_size": IMAGE, "eval_resize": 80, "shuffle_buffer": 8}})
+                            "val_images_per_class": 4, "source_size": 32, "batch_size": 4, "num_workers": workers,
+                            "image_size": IMAGE, "eval_resize": 80, "shuffle_buffer": 8,
+                            "mixing": [{"class_path": "xception_pl.data.mixing.Mixup"}] if tiny else []}})
 
 
 def final_state(run: Path) -> tuple[int, list[float]]:
@@ -57,6 +61,30 @@ def final_state(run: Path) -> tuple[int, list[float]]:
     checkpoint and resumed saves once more, at the end of fit, where Lightning counts the epoch as done.)"""
     checkpoint = torch.load(newest_checkpoint(run), weights_only=True)
     return checkpoint["global_step"], checkpoint["lr_schedulers"][0]["_last_lr"]
+
+
+def training_state(run: Path) -> dict:
+    """What training made, from the run's newest checkpoint: weights and BatchNorm statistics, the optimizer's
+    state, the Polyak average, the step and the lr."""
+    checkpoint = torch.load(newest_checkpoint(run), weights_only=True)
+    average = next(v for k, v in checkpoint["callbacks"].items() if k.startswith("PolyakAveraging"))
+    return {"weights": checkpoint["state_dict"], "optimizer": checkpoint["optimizer_states"][0]["state"],
+            "average": average, "step": checkpoint["global_step"], "lr": checkpoint["lr_schedulers"][0]["_last_lr"]}
+
+
+def assert_bit_identical(got, expected, where: str = "") -> None:
+    if isinstance(expected, torch.Tensor):
+        assert isinstance(got, torch.Tensor) and got.dtype == expected.dtype and torch.equal(got, expected), where
+    elif isinstance(expected, dict):
+        assert got.keys() == expected.keys(), where
+        for key in expected:
+            assert_bit_identical(got[key], expected[key], f"{where}/{key}")
+    elif isinstance(expected, (list, tuple)):
+        assert len(got) == len(expected), where
+        for i, (a, b) in enumerate(zip(got, expected)):
+            assert_bit_identical(a, b, f"{where}/{i}")
+    else:
+        assert got == expected, where
 
 
 def assert_every_checkpoint_loads(run: Path) -> None:
@@ -74,30 +102,50 @@ def uninterrupted(demo_root, tmp_path_factory) -> Path:
     return run
 
 
-def kill_trial(trial: int, tmp_path: Path, demo_root: Path) -> None:
-    """Trial `trial`: SIGKILL at a seeded point of a seeded hook (the hooks take turns)."""
+def kill_trial(trial: int, tmp_path: Path, demo_root: Path) -> int:
+    """Trial `trial`: 1 to 3 interruptions, each at a seeded point of a seeded hook (SIGKILL in a step, in
+    validation or inside a checkpoint write; SIGTERM in a step), each run resumed with `--ckpt_path last`;
+    then a resume to the end. Returns the number of interruptions that landed."""
     rng = random.Random(trial)
-    hook = HOOKS[trial % len(HOOKS)]
-    at = rng.randint(1, {"train_step": STEPS_PER_EPOCH * EPOCHS, "validation": 12, "checkpoint_write": 9}[hook])
     run, log = tmp_path / "run", str(tmp_path / "log")
-    config = str(fit_config(tmp_path / "c.yaml", run, demo_root))
-    killer = ["--trainer.callbacks+=tests.crash.KillAt", "--trainer.callbacks.hook", hook,
-              "--trainer.callbacks.at", str(at)]
-    assert run_cli(["fit", "--config", config, *killer], log) == -signal.SIGKILL, Path(log).read_text()[-3000:]
-    assert_every_checkpoint_loads(run)  # what a resume may meet: whole files only
-    if hook == "checkpoint_write":
-        assert list(run.glob("checkpoints/.*.ckpt.tmp-*")), "the kill did not land inside a checkpoint write"
+    # A data worker in every other trial: the stream, and the randomness of the step, are the same without
+    config = str(fit_config(tmp_path / "c.yaml", run, demo_root, workers=1 - trial % 2))
+    landed = 0
+    for interruption in range(1 + trial % 3):
+        hook = HOOKS[(trial + interruption) % len(HOOKS)]
+        at = rng.randint(1, {"train_step": 8, "validation": 8, "checkpoint_write": 5, "sigterm": 8}[hook])
+        killer = ["--trainer.callbacks+=tests.crash.KillAt", "--trainer.callbacks.hook", hook,
+                  "--trainer.callbacks.at", str(at)]
+        resume = ["--ckpt_path", "last"] if interruption else []
+        code = run_cli(["fit", "--config", config, *resume, *killer], log)
+        if code == 0:  # the point lay beyond this run's end
+            return landed
+        assert code == (128 + signal.SIGTERM if hook == "sigterm" else -signal.SIGKILL), Path(log).read_text()[-3000:]
+        landed += 1
+        assert_every_checkpoint_loads(run)  # what a resume may meet: whole files only
+        if hook == "checkpoint_write":
+            assert list(run.glob("checkpoints/.*.ckpt.tmp-*")), "the kill did not land inside a checkpoint write"
     assert run_cli(["fit", "--config", config, "--ckpt_path", "last"], log) == 0, Path(log).read_text()[-3000:]
-    before_first_checkpoint = (hook, at) in {("train_step", 1), ("train_step", 2), ("checkpoint_write", 1)}
-    assert ("resuming from" in Path(log).read_text()) != before_first_checkpoint
-    assert not list(run.glob("checkpoints/.*.tmp-*"))  # the half-written file of the killed run is gone
+    assert not list(run.glob("checkpoints/.*.tmp-*"))  # the half-written files of the killed runs are gone
+    return landed
 
 
 @pytest.mark.parametrize("trial", range(5))
-def test_kill_9_in_a_step_validation_or_checkpoint_write_then_resume_ends_like_an_uninterrupted_run(
+def test_a_run_interrupted_and_resumed_ends_bit_identical_to_an_uninterrupted_one(
         trial, tmp_path, demo_root, uninterrupted):
-    kill_trial(trial, tmp_path, demo_root)
-    assert final_state(tmp_path / "run") == final_state(uninterrupted) == (12, [0.01 * 0.5 ** 4] * 2)
+    """Weights, BatchNorm statistics, optimizer state, Polyak average, step and lr, compared bit for bit (100
+    trials with --runslow)."""
+    assert kill_trial(trial, tmp_path, demo_root) >= 1
+    assert_bit_identical(training_state(tmp_path / "run"), training_state(uninterrupted))
+    assert final_state(uninterrupted) == (12, [0.01 * 0.5 ** 4] * 2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trial", range(5, 105))
+def test_a_hundred_interrupted_runs_end_bit_identical_to_an_uninterrupted_one(trial, tmp_path, demo_root,
+                                                                             uninterrupted):
+    test_a_run_interrupted_and_resumed_ends_bit_identical_to_an_uninterrupted_one(trial, tmp_path, demo_root,
+                                                                                  uninterrupted)
 
 
 def start_fit(config: Path, log: Path, *args: str) -> subprocess.Popen:

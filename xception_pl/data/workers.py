@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import atexit
 import multiprocessing
+import multiprocessing.util
 import os
 import signal
 
@@ -20,8 +20,9 @@ class StopSignalsInWorker:
     cannot know how long the save takes). A worker still ends with its training process: torch's worker loop
     exits when its parent is gone (a killed job), and the scheduler's SIGKILL ends it with the rest. Except at
     the training process's own exit: multiprocessing stops the workers still alive then with SIGTERM and waits
-    for them, so the training process sets `exiting` first (an atexit hook, which runs before
-    multiprocessing's own) and a worker that sees it ends at once. (A Python handler does not see who sent a
+    for them, so the training process sets `exiting` first (a multiprocessing finalizer of positive priority,
+    which runs before that, also when the training process is itself a multiprocessing child, where atexit
+    hooks never run) and a worker that sees it ends at once. (A Python handler does not see who sent a
     signal.)
 
     Build it in the training process, with the loader's start method: `exiting` travels to the workers
@@ -29,7 +30,7 @@ class StopSignalsInWorker:
 
     def __init__(self, multiprocessing_context: str | None = None) -> None:
         self.exiting = multiprocessing.get_context(multiprocessing_context).Event()
-        atexit.register(self.exiting.set)
+        multiprocessing.util.Finalize(None, self.exiting.set, exitpriority=10)
 
     def __call__(self, worker_id: int = 0) -> None:
         signal.set_wakeup_fd(-1)  # a forked worker inherits the training process's (its stop watchdog's) pipe
