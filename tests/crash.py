@@ -22,16 +22,22 @@ class KillAt(L.Callback):
     """SIGKILLs this process at the `at`-th (1-based) occurrence of `hook` in it: "train_step" between
     backward and the optimizer step, "validation" after a validation batch, "checkpoint_write" halfway
     through writing a checkpoint's temporary file (the half is flushed and fsynced, so it is on disk);
-    "sigterm" sends SIGTERM instead at the `at`-th train step (a graceful stop: hpc_ckpt_N.ckpt, exit 143)."""
+    "sigterm" sends SIGTERM instead at the `at`-th train step (a graceful stop: hpc_ckpt_N.ckpt, exit 143).
+    With `rank`, only that rank's process; `marker` is touched just before."""
 
-    def __init__(self, hook: Hook, at: int) -> None:
-        self.hook, self.at, self.count = hook, at, 0
+    def __init__(self, hook: Hook, at: int, rank: int | None = None, marker: str | None = None) -> None:
+        self.hook, self.at, self.count, self.rank, self.marker = hook, at, 0, rank, marker
+        self.mine = True
 
     def tick(self, hook: Hook) -> bool:
         self.count += hook == self.hook
-        return hook == self.hook and self.count == self.at
+        hit = self.mine and hook == self.hook and self.count == self.at
+        if hit and self.marker is not None:
+            open(self.marker, "w").close()
+        return hit
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.mine = self.rank is None or trainer.global_rank == self.rank
         if self.hook != "checkpoint_write":
             return
         save = torch.save

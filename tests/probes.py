@@ -59,16 +59,10 @@ class SignalsNoted(L.Callback):
 
 class HangAt(L.Callback):
     """Rank `rank` stops dead after global step `step` (a rank stuck where the others wait in a collective); it
-    touches `marker` first. The stop watchdog's timeout becomes `timeout_s`."""
+    touches `marker` first."""
 
-    def __init__(self, marker: str, step: int = 3, rank: int = 1, timeout_s: float = 5.0) -> None:
-        self.marker, self.step, self.rank, self.timeout_s = Path(marker), step, rank, timeout_s
-
-    def on_train_start(self, trainer, pl_module):
-        from xception_pl.slurm import RequeueOnSignal
-
-        [requeue] = [c for c in trainer.callbacks if isinstance(c, RequeueOnSignal)]
-        requeue.watchdog.timeout_s = self.timeout_s
+    def __init__(self, marker: str, step: int = 3, rank: int = 1) -> None:
+        self.marker, self.step, self.rank = Path(marker), step, rank
 
     def on_train_batch_end(self, trainer, pl_module, *args):
         import time

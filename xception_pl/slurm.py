@@ -16,7 +16,6 @@ import re
 import shutil
 import signal
 import subprocess
-import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,7 +27,7 @@ from torch.distributed import ReduceOp
 
 from xception_pl.callbacks import logs_this_step
 from xception_pl.checkpointing import write_atomically
-from xception_pl.stop_watchdog import StopWatchdog
+from xception_pl import watchdog
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +143,6 @@ class RequeueOnSignal(L.Callback):
         self.signal: int | None = None
         self.requeue = False  # SIGUSR1 under srun (not an interactive allocation)
         self.trainer: L.Trainer | None = None
-        self.watchdog: StopWatchdog | None = None
         self.stop_check_s = STOP_CHECK_S
         self.next_check, self.last_check = 0, None  # the next global step to agree at; (time, step) of the last
         self.checked_step: int | None = None  # the global step of the last agreement (HostSyncCounter reads it)
@@ -155,17 +153,7 @@ class RequeueOnSignal(L.Callback):
         env = os.environ
         self.requeue = started_by_srun(env) and env.get("SLURM_JOB_NAME") not in INTERACTIVE_JOB_NAMES
         self.trainer, self.signal = trainer, None
-        signal.signal(signal.SIGUSR1, self.note_signal)
-        if threading.current_thread() is threading.main_thread():  # a stop that never comes is said (stop_watchdog.py)
-            self.watchdog = StopWatchdog.arm(trainer.global_rank)
-
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage == "fit" and self.watchdog is not None:
-            self.watchdog.disarm()
-
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if self.watchdog is not None:  # the fit is over: a process that goes on is not watched
-            self.watchdog.disarm()
+        signal.signal(signal.SIGUSR1, self.note_signal)  # a stop that never comes is said (watchdog.py)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Steps are timed from here; the first agreement is after the first step, which sets the pace.
@@ -200,19 +188,11 @@ class RequeueOnSignal(L.Callback):
         self.last_check, self.next_check, self.checked_step = (now, step), step + int(every), step
         return int(signum) or None
 
-    def mark(self, phase: str) -> None:
-        if self.watchdog is not None:
-            self.watchdog.mark(phase)
-
-    def on_validation_batch_end(self, *args: object) -> None:
-        self.mark("validation")
-
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
-        self.mark("training")
         signum = self.agreed_signal(trainer, pl_module)
         if signum is None:
             return
-        self.mark("saving the stop checkpoint")
+        watchdog.mark("saving the stop checkpoint", trainer.global_step)
         root = Path(trainer.default_root_dir)
         numbers = [int(m.group(1)) for p in root.glob("hpc_ckpt_*.ckpt") if (m := re.search(r"_(\d+)\.ckpt$", p.name))]
         path = root / f"hpc_ckpt_{max(numbers, default=0) + 1}.ckpt"
@@ -220,7 +200,7 @@ class RequeueOnSignal(L.Callback):
         # Lightning hands this step's logged values (train/loss ...) to the loggers after this hook; we exit
         # before, so push them now, else TensorBoard would miss the step.
         trainer._logger_connector.update_train_step_metrics()
-        self.mark("exiting after the stop checkpoint")
+        watchdog.mark("exiting after the stop checkpoint")
         name = signal.Signals(signum).name
         requeue = self.requeue and signum == signal.SIGUSR1
         if trainer.is_global_zero:

@@ -14,6 +14,7 @@ for a Trainer built in Python alike.
     final validation             ValidateAtEnd (callbacks.py)            -                a ValidateAtEnd
     per-class results            PerClassMetrics (per_class.py)          -                a PerClassMetrics
     graceful stop and requeue    RequeueOnSignal (slurm.py)              -                a RequeueOnSignal
+    stuck, stalled or lost ranks FaultWatch (watchdog.py)                --faults.*       a FaultWatch
     start and end summary        RunSummary (console.py)                 -                a RunSummary
     progress bar                 ProgressBar (progress.py)               enable_progress_bar: false;  any ProgressBar
     config.yaml                  SaveConfigCallback                      LightningCLI (CLI only)
@@ -50,10 +51,12 @@ from xception_pl.pretrained import FreezeBackbone
 from xception_pl.progress import ProgressBar
 from xception_pl.resizing import ProgressiveResizing
 from xception_pl.slurm import RequeueOnSignal
+from xception_pl.watchdog import FaultWatch
 
 # The configurable parts: the CLI's argument group of each (as Lightning's callback groups), its class.
 CONFIGURED = {"checkpoint": BestCheckpoints, "last_checkpoint": LastCheckpoint, "ema": PolyakAveraging,
-              "freeze_backbone": FreezeBackbone, "progressive_resizing": ProgressiveResizing, "images": ImageGrids}
+              "freeze_backbone": FreezeBackbone, "progressive_resizing": ProgressiveResizing, "images": ImageGrids,
+              "faults": FaultWatch}
 # What a user's own callback replaces of ours: the kind, as a test.
 SAME_KIND: dict[type, Callable[[L.Callback], bool]] = {
     BestCheckpoints: lambda c: isinstance(c, ModelCheckpoint) and not isinstance(c, LastCheckpoint),
@@ -76,6 +79,7 @@ def trainer_parts(
     freeze_backbone: FreezeBackbone | None = None,
     progressive_resizing: ProgressiveResizing | None = None,
     images: ImageGrids | None = None,
+    faults: FaultWatch | None = None,
     progress_bar: bool = True,
     config_files: Sequence[str] = (),
 ) -> dict[str, Any]:
@@ -94,7 +98,8 @@ def trainer_parts(
         plugins.append(AtomicCheckpointIO())
     given = as_list(callbacks)
     configured = {"checkpoint": checkpoint, "last_checkpoint": last_checkpoint, "ema": ema,
-                  "freeze_backbone": freeze_backbone, "progressive_resizing": progressive_resizing, "images": images}
+                  "freeze_backbone": freeze_backbone, "progressive_resizing": progressive_resizing, "images": images,
+                  "faults": faults}
     ours = [part if part is not None else CONFIGURED[group]() for group, part in configured.items()]
     ours += [ImagesPerSecond(), ValidateAtEnd(), PerClassMetrics(), RequeueOnSignal(), RunSummary(list(config_files))]
     if progress_bar:  # ours: reads metrics only on logging steps

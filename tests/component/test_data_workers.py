@@ -89,11 +89,11 @@ def test_workers_still_alive_at_the_training_processs_exit_end_at_once():
 def test_the_stop_watchdog_watches_only_while_a_fit_runs():
     """Armed by a fit and disarmed at its end: a process that goes on (a notebook, this test run) and later gets
     SIGTERM is not ended by a watchdog left from an earlier fit."""
-    from xception_pl.stop_watchdog import StopWatchdog
+    from xception_pl.watchdog import Watchdog
 
     previous = signal.signal(signal.SIGUSR1, lambda *args: None)  # a Python handler, as RequeueOnSignal installs
     try:
-        watchdog = StopWatchdog.arm(rank=0, timeout_s=0.5)
+        watchdog = Watchdog.arm(rank=0, stop_timeout_s=0.5)
         watchdog.disarm()
         os.kill(os.getpid(), signal.SIGUSR1)
         time.sleep(1.5)  # armed, it would have exited this process by now
@@ -105,10 +105,10 @@ def test_the_stop_watchdog_watches_only_while_a_fit_runs():
 
 def test_a_workers_sigterm_does_not_reach_the_training_processs_stop_watchdog():
     """A forked worker inherits the wakeup fd; its own SIGTERM must not read as the training process's."""
-    from xception_pl.stop_watchdog import StopWatchdog
+    from xception_pl.watchdog import Watchdog
 
     previous = signal.signal(signal.SIGTERM, lambda *args: None)
-    watchdog = StopWatchdog.arm(rank=0, timeout_s=60)
+    watchdog = Watchdog.arm(rank=0, stop_timeout_s=60)
     try:
         loader = DataLoader(WorkerPids(), batch_size=None, num_workers=1, multiprocessing_context="fork",
                             worker_init_fn=workers.StopSignalsInWorker())

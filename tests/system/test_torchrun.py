@@ -140,7 +140,8 @@ def test_a_stop_request_to_a_job_hung_in_a_collective_ends_every_rank_with_its_s
     Python signal handler runs. SIGTERM to both (as torchrun and SLURM send it): each rank says it is stuck,
     prints its Python stacks and exits 143 within the watchdog's timeout (5 s here)."""
     marker = tmp_path / "hung"
-    hang = ["--trainer.callbacks+=tests.probes.HangAt", f"--trainer.callbacks.marker={marker}"]
+    hang = ["--trainer.callbacks+=tests.probes.HangAt", f"--trainer.callbacks.marker={marker}",
+            "--faults.stop_timeout_s", "5"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     process = subprocess.Popen(command(tmp_path, *hang, torchrun=False), cwd=ROOT, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -154,7 +155,8 @@ def test_a_stop_request_to_a_job_hung_in_a_collective_ends_every_rank_with_its_s
         os.killpg(process.pid, signal.SIGKILL) if process.poll() is None else None
     assert process.returncode == 128 + signal.SIGTERM and time.monotonic() - sent < 30, output[-3000:]
     for rank in (0, 1):
-        assert f"rank {rank}: SIGTERM received, but no progress for 5 s in phase 'training'" in output, output[-3000:]
+        assert f"rank {rank}: SIGTERM received, but no progress for 5 s" in output, output[-3000:]
+        assert "It was in phase 'training'" in output
     assert output.count("most recent call first") >= 2  # every thread's stack, on both ranks
     assert "time.sleep" in output or "HangAt" in output or "probes.py" in output  # rank 1's own stack
 
@@ -178,3 +180,90 @@ def test_a_stop_saves_within_seconds_when_the_next_logging_step_is_more_than_30_
     assert time.monotonic() - sent < 25
     [saved] = list((tmp_path / "run").glob("hpc_ckpt_*.ckpt"))
     assert 3 <= torch.load(saved, weights_only=True)["global_step"] < 40  # not at the next logging step
+
+
+# ------------------------------------------------------------------------------------------ nothing hangs
+def start(tmp_path: Path, *extra: str, torchrun: bool) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    return subprocess.Popen(command(tmp_path, *extra, torchrun=torchrun), cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def finish(process: subprocess.Popen, timeout: float) -> str:
+    """The job's output once every process of it (the orphans too) has closed it; the group is killed after."""
+    try:
+        return process.communicate(timeout=timeout)[0]
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("launcher, hook", [("torchrun", "train_step"), ("lightning", "validation")])
+def test_a_rank_killed_in_a_step_or_in_validation_ends_the_job_within_seconds_and_it_resumes(tmp_path, launcher,
+                                                                                               hook):
+    """kill -9 of rank 1 (after step 5's backward, or in the first batch of a validation at step 8): the job
+    exits non-zero, naming rank 1, within 30 s (torchrun's agent, or Lightning's launcher, ends the survivor;
+    our heartbeat would after faults.peer_timeout_s); `--ckpt_path last` then trains to the end."""
+    marker = tmp_path / "killed"
+    validation = ["--trainer.limit_val_batches", "2", "--trainer.val_check_interval", "8",
+                  "--last_checkpoint.every_n_train_steps", "4"]
+    killer = ["--trainer.callbacks+=tests.crash.KillAt", f"--trainer.callbacks.hook={hook}",
+              f"--trainer.callbacks.at={5 if hook == 'train_step' else 1}", "--trainer.callbacks.rank=1",
+              f"--trainer.callbacks.marker={marker}"]
+    process = start(tmp_path, *validation, *killer, torchrun=launcher == "torchrun")
+    output = finish(process, timeout=200)
+    assert marker.exists() and process.returncode != 0, output[-3000:]
+    assert time.time() - marker.stat().st_mtime < 30, output[-3000:]
+    named = "rank      : 1" in output if launcher == "torchrun" else "[rank: 1] Child process" in output
+    assert named, output[-3000:]
+
+    resumed = subprocess.run(command(tmp_path, *validation, "--ckpt_path", "last", torchrun=launcher == "torchrun"),
+                             cwd=ROOT, capture_output=True, text=True, timeout=200)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout + resumed.stderr
+    final = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert final["global_step"] == MAX_STEPS
+
+
+@pytest.mark.timeout(180)
+def test_a_rank_whose_rank_0_died_learns_it_from_the_heartbeat_and_exits(tmp_path):
+    """Lightning's launcher: rank 0 (the main process, which holds the rendezvous store) is killed while rank 1
+    sleeps in a step, in Python, where no collective would ever tell it. Rank 1 exits 75 within
+    faults.peer_timeout_s (5 s here) + a beat, naming rank 0, with its stacks; no launcher is left to do it."""
+    marker = tmp_path / "hung"
+    process = start(tmp_path, "--trainer.callbacks+=tests.probes.HangAt", f"--trainer.callbacks.marker={marker}",
+                    "--faults.peer_timeout_s", "5", torchrun=False)
+    wait_for(marker, process)
+    killed = time.monotonic()
+    process.kill()  # rank 0
+    output = finish(process, timeout=120)  # the pipe closes when rank 1 (and its data worker) are gone
+    assert time.monotonic() - killed < 5 + 5 + 10, output[-3000:]
+    # the store's connection either fails or goes silent: either way the line names rank 0
+    assert "rank 1: the rendezvous store" in output and "rank 0" in output, output[-3000:]
+    assert "exiting so the job does not wait for the collective timeout" in output
+    assert "probes.py" in output  # rank 1's own stack: where it was
+
+
+@pytest.mark.timeout(180)
+def test_a_stalled_rank_ends_every_rank_with_its_stacks_and_sigusr2_shows_them_without_stopping(tmp_path):
+    """Rank 1 sleeps in a step; rank 0 waits for it in a collective. SIGUSR2 to the job: both ranks print their
+    stacks and go on; then no batch has ended for faults.stall_timeout_s (10 s here): each rank says so, with the
+    step and phase it was in and its stacks, and exits 124."""
+    marker = tmp_path / "hung"
+    process = start(tmp_path, "--trainer.callbacks+=tests.probes.HangAt", f"--trainer.callbacks.marker={marker}",
+                    "--faults.stall_timeout_s", "10", torchrun=False)
+    wait_for(marker, process)
+    time.sleep(1)
+    os.killpg(process.pid, signal.SIGUSR2)
+    time.sleep(3)
+    assert process.poll() is None  # SIGUSR2 stops nothing
+    output = finish(process, timeout=120)
+    assert process.returncode == 124, output[-3000:]
+    for rank in (0, 1):
+        assert f"rank {rank}: SIGUSR2: the stacks asked for (the run goes on)" in output, output[-3000:]
+        assert f"rank {rank}: no batch ended for 10 s (faults.stall_timeout_s)" in output, output[-3000:]
+    assert "It was in phase 'training', step 3" in output
+    assert output.count("probes.py") >= 2  # rank 1's stack, on demand and at the exit

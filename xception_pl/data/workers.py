@@ -35,6 +35,7 @@ class StopSignalsInWorker:
     def __call__(self, worker_id: int = 0) -> None:
         signal.set_wakeup_fd(-1)  # a forked worker inherits the training process's (its stop watchdog's) pipe
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # asks the training process for its stacks (watchdog.py)
         signal.signal(signal.SIGTERM, self.on_sigterm)
 
     def on_sigterm(self, signum: int, frame: object) -> None:
