@@ -84,3 +84,14 @@ class StopCheckEvery(L.Callback):
         for callback in trainer.callbacks:
             if isinstance(callback, RequeueOnSignal):
                 callback.stop_check_s = self.seconds
+
+
+class TouchAt(L.Callback):
+    """Rank 0 touches `marker` at the end of global step `step` (benchmarks/stop_latency.py)."""
+
+    def __init__(self, marker: str, step: int = 3) -> None:
+        self.marker, self.step = Path(marker), step
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        if trainer.global_step == self.step and trainer.is_global_zero:
+            self.marker.touch()

@@ -12,6 +12,7 @@ import logging
 import subprocess
 import sys
 import textwrap
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -161,6 +162,33 @@ def test_sigusr1_saves_requeues_and_the_job_finishes_where_an_uninterrupted_run_
     assert logged_train_steps(resumed_events) == list(range(resumed_step, steps))  # continued, not from 0
     assert [s for s, _ in scalars(run)["train/loss"]] == list(range(steps))  # the whole curve, once
     assert "SLURM_RESTART_COUNT=1\n" in (run / "slurm" / f"job-{job}-restart1.env").read_text()
+
+
+@pytest.mark.timeout(360)
+def test_a_rank_killed_mid_step_ends_the_job_at_once_and_a_resubmission_resumes(slurm_cluster, demo_root, tmp_path):
+    """kill -9 of rank 1 (node2) after step 6's backward: `srun --kill-on-bad-exit=1` (the scripts' launch) ends
+    rank 0 within seconds instead of the collective timeout; the job fails naming the task; the same script
+    submitted again resumes from last.ckpt (step 4) and finishes."""
+    steps, marker = 10, tmp_path / "killed"
+    config = str(cpu_config(tmp_path, demo_root, multilabel=False, max_steps=steps))
+    every = ["--last_checkpoint.every_n_train_steps", "2"]
+    job = submit(slurm_cluster, tmp_path, ROOT / "slurm" / "train_imagenet.sh", "--config", config, *every,
+                 "--trainer.callbacks+=tests.crash.KillAt", "--trainer.callbacks.hook=train_step",
+                 "--trainer.callbacks.at=7", "--trainer.callbacks.rank=1", f"--trainer.callbacks.marker={marker}",
+                 nodes=2, ntasks_per_node=1, gres="gpu:1", job_name="killed")
+    result = slurm_cluster.wait(job, timeout=300)
+    output = job_output(result)
+    assert result.state == "FAILED" and marker.exists(), output
+    assert "task 1: Killed" in output, output  # srun names the task
+    ended = datetime.fromisoformat(result.info["EndTime"]).timestamp()  # scontrol's local time, in whole seconds
+    assert ended - marker.stat().st_mtime < 30, (result.info["EndTime"], output)  # not the collective timeout
+    (tmp_path / "configs").unlink()
+    job = submit(slurm_cluster, tmp_path, ROOT / "slurm" / "train_imagenet.sh", "--config", config, *every,
+                 nodes=2, ntasks_per_node=1, gres="gpu:1", job_name="killed")
+    result = slurm_cluster.wait(job, timeout=300)
+    output = job_output(result)
+    assert result.state == "COMPLETED" and "resuming from" in output, output
+    assert final_step_and_samples(tmp_path / "runs" / "killed") == (steps, steps * BATCH * 2)
 
 
 # ------------------------------------------------------------------------------------------ wrong launches

@@ -146,6 +146,17 @@ def test_pipeline_py_sets_webdatasets_nsamples_which_each_pass_reads():
 
 
 # ---------------------------------------------------------------------------------------------- torch
+def test_watchdog_py_counts_in_the_default_groups_store(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        assert store.add("xception_pl/heartbeat/0", 1) == 1 and store.add("xception_pl/heartbeat/0", 0) == 1
+    finally:
+        dist.destroy_process_group()
+
+
 def test_schedules_py_evaluates_torchs_schedulers_by_their_closed_form_or_get_lr():
     from torch.optim import lr_scheduler
 
