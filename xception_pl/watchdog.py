@@ -140,19 +140,19 @@ class Heartbeat:
 
     def lost(self) -> str | None:
         if self.verdict is None and time.monotonic() - self.answered > self.timeout_s:
-            return f"the rendezvous store has not answered for {self.timeout_s:.0f} s (rank 0's node lost?)"
+            return (f"the rendezvous store has not answered for {self.timeout_s:.0f} s: rank 0, which holds it, or "
+                    "its node is gone")
         return self.verdict
 
     def run(self) -> None:
+        # A store error counts as silence, not at once: the store's host may end its process a moment before the
+        # others end their fit, and a rank must not fail a run that is finishing.
         while self.running and self.verdict is None:
             try:
                 self.beat()
-            except Exception as error:  # the store's host is gone: every store error reads the same
-                if self.running:
-                    self.verdict = (f"the rendezvous store stopped answering ({type(error).__name__}): rank 0, "
-                                    "which holds it, or its node is gone")
-                return
-            self.answered = time.monotonic()
+                self.answered = time.monotonic()
+            except Exception:  # noqa: BLE001 (a refused, reset or timed-out connection: all silence)
+                pass
             time.sleep(self.every_s)
 
     def beat(self) -> None:
@@ -178,8 +178,9 @@ class FaultWatch(L.Callback):
         collective_timeout_s: the process group's timeout, set at the start of the fit (torch's defaults: 30
             minutes for gloo, 10 for NCCL): the backstop, longer than the stall timeout so that the stacks come
             first. A checkpoint write by rank 0 while the others wait must fit in it.
-        stall_timeout_s: no batch ends for this long (training, validation, a save) = stuck; None: off. Long
-            enough for a first step that compiles and the first shards of a slow store.
+        stall_timeout_s: no batch ends for this long (training, validation, a save) = stuck; None: off; only in
+            a fit of several processes. Long enough for a first step that compiles and the first shards of a slow
+            store.
         peer_timeout_s: a rank not heard from for this long is lost; None: off (one process: always off).
         stop_timeout_s: after SIGTERM or SIGUSR1, no progress for this long = the graceful stop cannot happen.
     """
@@ -208,7 +209,9 @@ class FaultWatch(L.Callback):
                 store = dist.distributed_c10d._get_default_store()
                 heartbeat = Heartbeat(store, trainer.global_rank, trainer.world_size, self.peer_timeout_s)
         signal.signal(signal.SIGUSR2, lambda signum, frame: None)  # the C handler writes it to the wakeup fd
-        self.watchdog = Watchdog.arm(trainer.global_rank, self.stop_timeout_s, self.stall_timeout_s, heartbeat)
+        # One process has no one waiting on it, and may sit in a debugger: the stall watch is for several.
+        stall_timeout_s = self.stall_timeout_s if trainer.world_size > 1 else None
+        self.watchdog = Watchdog.arm(trainer.global_rank, self.stop_timeout_s, stall_timeout_s, heartbeat)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit" and self.watchdog is not None:

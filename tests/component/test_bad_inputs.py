@@ -83,6 +83,10 @@ CLI = [  # (arguments, what the user reads, "exits" with that one line | "raises
      "has no attribute 'NoSuchData'", "exits"),
     (["fit", "--config", "{good}", "--ema.decay", "1.5"],
      "ema.decay=1.5 must be in (0, 1), or null to turn Polyak averaging off", "exits"),
+    (["fit", "--config", "{good}", "--faults.stall_timeout_s", "1200"],
+     "faults.stall_timeout_s=1200.0 must be below faults.collective_timeout_s=900.0, else a stuck collective aborts "
+     "before the stacks are printed", "exits"),
+    (["fit", "--config", "{good}", "--faults.peer_timeout_s", "0"], "faults.peer_timeout_s=0.0 must be > 0", "exits"),
     (["fit", "--config", "{good}", "--data.init_args.num_classes", "1"], "num_classes=1: need at least 2 classes",
      "exits"),
     (["fit", "--config", "{good}", "--data.class_path", "tests.crash.FactlessData"],
