@@ -101,6 +101,9 @@ def cli_process(argv: list[str], log: str) -> None:
     os.dup2(out, 1)
     os.dup2(out, 2)
     sys.argv = ["xception_pl", *argv]  # not the parent's pytest arguments
+    # As in `python -m xception_pl`: data workers forked by this process (a forkserver child inherits the forkserver
+    # start method, whose workers are the server's children and outlive a killed training process).
+    multiprocessing.set_start_method("fork", force=True)
     from xception_pl.__main__ import main
 
     main(argv)

@@ -5,7 +5,6 @@ training run. Each test names the file that relies on the internal."""
 import inspect
 import re
 from contextvars import ContextVar
-from dataclasses import fields
 from pathlib import Path
 
 import lightning as L
@@ -74,14 +73,6 @@ def test_slurm_py_passes_sigterm_on_through_the_launchers_kill():
 
     for launcher in (_MultiProcessingLauncher, _SubprocessScriptLauncher):
         assert parameters(launcher.kill) == ["self", "signum"], launcher
-
-
-def test_datamodule_py_counts_trained_batches_from_the_epoch_loops_batch_progress(trainer):
-    from lightning.pytorch.loops.progress import _ProcessedTracker
-
-    current = trainer.fit_loop.epoch_loop.batch_progress.current
-    assert isinstance(current, _ProcessedTracker)
-    assert {"ready", "started", "processed", "completed"} <= {f.name for f in fields(current)}
 
 
 def test_datamodule_py_moves_the_epoch_loops_restored_batch_counts_which_on_run_start_reads():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 from functools import partial
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -26,9 +26,6 @@ from xception_pl.data.samples import DecodeSamples, SkipCounter
 from xception_pl.data.sources import ShardSet, dataset_facts, resolve
 from xception_pl.data.workers import StopSignalsInWorker
 from xception_pl.facts import DataFacts
-
-if TYPE_CHECKING:  # a private class of Lightning's (docs/code.md "Seams"): for the type only
-    from lightning.pytorch.loops.progress import _ProcessedTracker
 
 
 class WebDatasetDataModule(L.LightningDataModule, DataFacts):
@@ -265,7 +262,7 @@ class WebDatasetDataModule(L.LightningDataModule, DataFacts):
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if "stream" in batch:  # a training batch reaches the step: its place is noted, its randomness seeded
-            seed = self.position.trained(batch.pop("stream").tolist())
+            seed = self.position.note(batch.pop("stream").tolist())
             if self.trainer is not None and self.trainer.training:
                 torch.manual_seed(seed)  # mixing, dropout, stochastic depth: the batch's alone (an exact resume)
         return batch
@@ -279,10 +276,10 @@ class WebDatasetDataModule(L.LightningDataModule, DataFacts):
         return batch
 
     def state_dict(self) -> dict[str, Any]:
-        if self.trainer is None or self.trainer.state.fn != TrainerFn.FITTING:
-            return self.position.state_dict()
-        trained = trained_batches(self.trainer.fit_loop.epoch_loop.batch_progress.current)
-        state = self.position.state_dict(trained, self.trainer.num_training_batches, self.batch_size * self.world_size)
+        if self.trainer is None or self.trainer.state.fn != TrainerFn.FITTING or self.position.restored:
+            return self.position.state_dict()  # (restored: as loaded, the same on every rank)
+        state = self.position.state_dict(self.position.trained, self.trainer.num_training_batches,
+                                         self.batch_size * self.world_size)
         # Every rank's streams, for an exact resume: every rank saves together (Trainer.save_checkpoint), rank 0 writes.
         used = [list(self.position.used)]
         if self.world_size > 1 and dist.is_initialized():
@@ -306,9 +303,3 @@ def shift_batch_progress(trainer: L.Trainer, batches: int) -> None:
     for field in ("ready", "started", "processed", "completed"):
         setattr(current, field, getattr(current, field) + batches)
 
-
-def trained_batches(progress: _ProcessedTracker) -> int:
-    """The batches of this epoch a restored trainer counts as done: those that finished, plus the current one
-    when the checkpoint is written from its on_train_batch_end (Lightning's RESTARTED_ON_TRAIN_BATCH_END)."""
-    in_batch_end = progress.ready == progress.started == progress.processed == progress.completed + 1
-    return progress.completed + int(in_batch_end)

@@ -21,11 +21,13 @@ class StreamPosition:
     def __init__(self, seed: int) -> None:
         self.seed, self.epoch, self.batch = seed, 0, 0  # the current pass starts at (epoch, batch)
         self.restored = False  # load_state_dict ran: the next pass starts where the checkpoint left off
+        self.loaded: dict[str, Any] = {}  # what load_state_dict was given
         self.started = False
         self.batch_shift = 0  # see load_state_dict
         self.saved_used: list[list[int]] | None = None  # restored: raw samples used per (rank, slot)
         self.skips: list[int] | None = None  # this pass resumes exactly, skipping these per slot
         self.used: list[int] = [0]  # raw samples used per slot by the batches trained in this pass's epoch
+        self.done = 0  # batches of this pass that reached the step
 
     def next_pass(self, trainer_epoch: int | None, workers: int = 1, rank: int = 0) -> tuple[int, int]:
         """(epoch, batch) the next pass starts at: the restored position right after load_state_dict, else
@@ -41,19 +43,31 @@ class StreamPosition:
         elif self.started:
             self.epoch, self.batch = self.epoch + 1, 0
         self.started = True
-        self.used = list(self.skips or [0] * workers)
+        self.used, self.done = list(self.skips or [0] * workers), 0
         return self.epoch, self.batch
 
-    def trained(self, stream: list[int]) -> int:
+    def note(self, stream: list[int]) -> int:
         """A training batch's "stream" [slot, raw samples used, seed] reached the step: note it; its seed."""
         slot, used, seed = stream
         if slot < len(self.used):
             self.used[slot] = used
+        self.done += 1
         return seed
 
-    def state_dict(self, trained: int = 0, epoch_batches: int | None = None, global_batch: int = 0) -> dict[str, int]:
+    @property
+    def trained(self) -> int:
+        """Batches of the current epoch trained: the pass's start and its batches noted since. Ours, not
+        Lightning's batch counters: after a resume from the end of an epoch, a later checkpoint's epoch progress
+        says the next epoch has not started, and a resume from it restarts Lightning's count of that epoch."""
+        return self.batch + self.done
+
+    def state_dict(self, trained: int = 0, epoch_batches: int | None = None, global_batch: int = 0) -> dict[str, Any]:
         """The next batch to train, `trained` of the current epoch's `epoch_batches` batches of `global_batch`
-        samples (all ranks) being done; "samples" and "trained" let a resume on another world size convert."""
+        samples (all ranks) being done; "samples" and "trained" let a resume on another world size convert.
+        Restored and no pass started since (a checkpoint after the resumed run's first validation): the restored
+        position, as loaded; Lightning's batch counters may still be those of the epoch the checkpoint ended."""
+        if self.restored:
+            return dict(self.loaded)
         ended = epoch_batches is not None and trained >= epoch_batches  # saved at the end of the epoch
         state = {"seed": self.seed, "epoch": self.epoch + ended, "batch": 0 if ended else trained}
         if global_batch:  # in a fit
@@ -66,7 +80,7 @@ class StreamPosition:
         size: the epoch goes on at the same sample (rounded down to a whole global batch), and `batch_shift` is
         what Lightning's restored batch counters (in batches of the saved run) must move by to agree."""
         self.seed, self.epoch, self.batch = state_dict["seed"], state_dict["epoch"], state_dict.get("batch", 0)
-        self.restored = True
+        self.restored, self.loaded = True, dict(state_dict)
         self.batch_shift = 0
         used = state_dict.get("used")  # [rank][slot], when saved by a fit (the datamodule gathers it)
         self.saved_used = used if used is not None and len(used) == world_size else None
