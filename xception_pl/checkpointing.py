@@ -190,6 +190,13 @@ class LastCheckpoint(ModelCheckpoint):
         super().__init__(filename="last", monitor=None, save_top_k=1, enable_version_counter=False,
                          every_n_train_steps=every_n_train_steps, every_n_epochs=0)
 
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any, **kwargs: Any) -> None:
+        # Every n steps, but not at an epoch's last batch, whose epoch end saves next: resumed from inside that
+        # batch's end, Lightning's restored epoch progress never counts the next epoch as started, and a later
+        # resume from that epoch's end trains it again (docs/reliability.md, the fault trials).
+        if not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
+
     # The hooks a ModelCheckpoint saves its best-k in, so last.ckpt (written after it) holds its new state.
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._should_save_on_train_epoch_end(trainer):

@@ -140,16 +140,8 @@ def test_a_run_interrupted_and_resumed_ends_bit_identical_to_an_uninterrupted_on
     assert final_state(uninterrupted) == (12, [0.01 * 0.5 ** 4] * 2)
 
 
-# Open (issue 23): these 4 of the 100 end with other weights. Each resumes from a last.ckpt written at the end of an
-# epoch's last batch (every_n_train_steps falling there); Lightning's restored epoch progress then never counts the
-# next epoch as started, so a later checkpoint written at that epoch's end resumes into the same epoch again (trial
-# 88: 18 steps, not 12). The fix to make: no step-based last.ckpt on an epoch's last batch (the epoch end saves).
-DIFFERING = {71, 77, 88, 92}
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("trial", [pytest.param(t, marks=pytest.mark.xfail(strict=True, reason="open: see DIFFERING"))
-                                   if t in DIFFERING else t for t in range(5, 105)])
+@pytest.mark.parametrize("trial", range(5, 105))
 def test_a_hundred_interrupted_runs_end_bit_identical_to_an_uninterrupted_one(trial, tmp_path, demo_root,
                                                                              uninterrupted):
     test_a_run_interrupted_and_resumed_ends_bit_identical_to_an_uninterrupted_one(trial, tmp_path, demo_root,

@@ -46,6 +46,9 @@ def test_checkpointing_py_last_checkpoint_calls_model_checkpoints_private_method
     for name in ("_should_skip_saving_checkpoint", "_should_save_on_train_epoch_end", "_monitor_candidates"):
         assert parameters(getattr(ModelCheckpoint, name)) == ["self", "trainer"], name
     assert parameters(ModelCheckpoint._save_topk_checkpoint) == ["self", "trainer", "monitor_candidates"]
+    from lightning.pytorch.loops.progress import _BatchProgress  # what the epoch loop's batch_progress is
+
+    assert _BatchProgress().is_last_batch is False
 
 
 def test_callbacks_py_and_slurm_py_read_and_push_a_steps_logging_through_the_logger_connector(trainer):
