@@ -4,14 +4,19 @@
 - `AtomicCheckpointIO`: Lightning's checkpoint I/O through it; reads with weights_only=True; a failed write
   stops the run with CheckpointWriteError, an unreadable file is one CheckpointLoadError line with the fix.
 - `BestCheckpoints`: the best k by the module's main metric; `LastCheckpoint`: checkpoints/last.ckpt, the newest state; `newest_checkpoint`: what `--ckpt_path last` resumes.
+
+A run directory may be on an object store (trainer.default_root_dir: s3://bucket/runs/x): checkpoints are then
+written with xception_pl.storage.write_object (a multipart upload completed only at the end), found by listing.
 """
 
 from __future__ import annotations
 
 import contextlib
+from functools import partial
 import errno
 import os
 import pickle
+import re
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +26,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from xception_pl import storage
 
 TMP_INFIX = ".tmp-"  # .<name>.tmp-<pid>: a file being written
 
@@ -53,6 +60,9 @@ def publish(tmp: Path, path: str | os.PathLike) -> None:
 
 
 def write_atomically(path: str | os.PathLike, data: bytes | str) -> None:
+    """`data` to `path`, whole or not at all: a local file (atomic_path) or an object (storage.write_object)."""
+    if storage.is_url(path):
+        return storage.write_object(str(path), lambda f: f.write(data.encode() if isinstance(data, str) else data))
     with atomic_path(path) as tmp:
         tmp.write_bytes(data) if isinstance(data, bytes) else tmp.write_text(data)
 
@@ -78,8 +88,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None) -> None:
-        if "://" in str(path):  # remote storage: fsspec's transaction is the atomic unit there
-            return super().save_checkpoint(checkpoint, path, storage_options)
+        if storage.is_url(path):  # an object store: the upload completes only when the whole checkpoint is written
+            return storage.write_object(str(path), partial(torch.save, checkpoint), storage_options)
         path = Path(path)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -98,7 +108,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         # Tensors, containers and primitives only (our checkpoints hold nothing else): a checkpoint from
         # elsewhere cannot run code on load. Explicit, so TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD does not undo it.
         weights_only = True if weights_only is None else weights_only
-        if not Path(path).is_file() and "://" not in str(path):
+        if not Path(path).is_file() and not storage.is_url(path):
             raise CheckpointLoadError(f"checkpoint {path} does not exist: check --ckpt_path, or pass "
                                       "--ckpt_path last to resume the newest checkpoint of the run directory")
         try:
@@ -170,6 +180,14 @@ class BestCheckpoints(ModelCheckpoint):
         self.filename = "epoch={epoch}-step={step}-" + self.monitor.split("/")[1] + "={" + self.monitor + ":.4f}"
         super().setup(trainer, pl_module, stage)
 
+    def _should_remove_checkpoint(self, trainer: L.Trainer, previous: str, current: str) -> bool:
+        """As Lightning's, and on an object store too: never the checkpoint this run resumed from (Lightning
+        removes any remote one, Lightning#21813), nor one outside this callback's directory."""
+        if storage.is_url(previous):
+            return previous != current and previous != str(trainer.ckpt_path) and \
+                previous.startswith(str(self.dirpath).rstrip("/") + "/")
+        return super()._should_remove_checkpoint(trainer, previous, current)
+
     @property
     def state_key(self) -> str:  # as Lightning's ModelCheckpoint named it: checkpoints written before resume
         return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
@@ -214,13 +232,43 @@ class LastCheckpoint(ModelCheckpoint):
             self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
-def newest_checkpoint(root: Path) -> Path | None:
+def newest_checkpoint(root: str | Path) -> Path | str | None:
     """The newest of <root>/checkpoints/last*.ckpt and the <root>/hpc_ckpt_*.ckpt that Lightning
-    writes when SLURM signals a job before its time limit."""
+    writes when SLURM signals a job before its time limit (a URL where root is one)."""
+    if storage.is_url(root):
+        return newest_object(str(root))
+    root = Path(root)
     candidates = [*root.glob("hpc_ckpt_*.ckpt"), *(root / "checkpoints").glob("last*.ckpt")]
     return max(candidates, key=lambda p: p.stat().st_mtime, default=None)
 
 
+def newest_object(root: str) -> str | None:
+    """newest_checkpoint on an object store, by the objects' modification times. S3 keeps those to the second, so
+    of a last.ckpt and an hpc_ckpt written in the same second the hpc_ckpt wins: a stop's save is the later one."""
+    fs, path = storage.filesystem(root)
+    fs.invalidate_cache()
+    found = [*fs.glob(f"{path}/hpc_ckpt_*.ckpt", detail=True).values(),
+             *fs.glob(f"{path}/checkpoints/last*.ckpt", detail=True).values()]
+    newest = max(found, key=lambda f: (fs.modified(f["name"]), "/hpc_ckpt_" in f["name"]), default=None)
+    return f"{storage.protocol(root)}://{newest['name']}" if newest else None
+
+
+def next_hpc_checkpoint(root: str | Path) -> str:
+    """<root>/hpc_ckpt_<N+1>.ckpt after the highest N there (root: a directory or an object store's URL)."""
+    if storage.is_url(root):
+        fs, path = storage.filesystem(str(root))
+        fs.invalidate_cache()
+        names = [name.rsplit("/", 1)[-1] for name in fs.glob(f"{path}/hpc_ckpt_*.ckpt")]
+    else:
+        names = [p.name for p in Path(root).glob("hpc_ckpt_*.ckpt")]
+    numbers = [int(m.group(1)) for name in names if (m := re.search(r"_(\d+)\.ckpt$", name))]
+    return f"{str(root).rstrip('/')}/hpc_ckpt_{max(numbers, default=0) + 1}.ckpt"
+
+
 def missing_checkpoint(ckpt_path: str | None) -> bool:
-    special = ckpt_path in (None, "last", "best", "hpc", "registry") or "://" in str(ckpt_path)
-    return not special and not Path(ckpt_path).is_file()
+    if ckpt_path in (None, "last", "best", "hpc", "registry"):
+        return False
+    if storage.is_url(ckpt_path):
+        fs, path = storage.filesystem(ckpt_path)
+        return not fs.exists(path)
+    return not Path(ckpt_path).is_file()

@@ -19,7 +19,7 @@ import yaml
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from xception_pl import slurm
+from xception_pl import slurm, storage
 from xception_pl.checkpointing import (UNREADABLE_CHECKPOINT, CheckpointLoadError,
                                        CheckpointWriteError, missing_checkpoint, newest_checkpoint,
                                        unreadable_checkpoint)
@@ -83,7 +83,9 @@ class XceptionCLI(LightningCLI):
         """Resolve `--ckpt_path last` to the newest checkpoint of this run directory (a requeued SLURM
         job's hpc_ckpt included); refuse to start a fresh fit over an earlier run's checkpoints."""
         config = self.config_init[self.subcommand]
-        root = Path(self.trainer.default_root_dir)
+        root = self.trainer.default_root_dir  # a local directory, or an object store's URL (xception_pl.storage)
+        if storage.is_url(root):
+            storage.reachable(root, what="trainer.default_root_dir", must_exist=False)
         newest = newest_checkpoint(root)
         if config.get("ckpt_path") == "last":
             config["ckpt_path"] = str(newest) if newest else None
@@ -91,7 +93,7 @@ class XceptionCLI(LightningCLI):
                   flush=True)
         elif config.get("ckpt_path") is None and newest is not None:
             raise SystemExit(
-                f"error: {root} already holds checkpoints of an earlier run ({newest.name}). Resume it with "
+                f"error: {root} already holds checkpoints of an earlier run ({str(newest).rsplit('/', 1)[-1]}). Resume it with "
                 "--ckpt_path last, or start a new run in another --trainer.default_root_dir.")
         elif missing_checkpoint(config.get("ckpt_path")):
             raise SystemExit(f"error: --ckpt_path {config['ckpt_path']} does not exist. Give the path of a .ckpt "

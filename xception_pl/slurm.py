@@ -26,7 +26,8 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from torch.distributed import ReduceOp
 
 from xception_pl.callbacks import logs_this_step
-from xception_pl.checkpointing import write_atomically
+from xception_pl import storage
+from xception_pl.checkpointing import next_hpc_checkpoint, write_atomically
 from xception_pl import watchdog
 
 log = logging.getLogger(__name__)
@@ -193,9 +194,7 @@ class RequeueOnSignal(L.Callback):
         if signum is None:
             return
         watchdog.mark("saving the stop checkpoint", trainer.global_step)
-        root = Path(trainer.default_root_dir)
-        numbers = [int(m.group(1)) for p in root.glob("hpc_ckpt_*.ckpt") if (m := re.search(r"_(\d+)\.ckpt$", p.name))]
-        path = root / f"hpc_ckpt_{max(numbers, default=0) + 1}.ckpt"
+        path = next_hpc_checkpoint(trainer.default_root_dir)
         trainer.save_checkpoint(path)  # rank 0 writes, then all ranks meet in a barrier
         # Lightning hands this step's logged values (train/loss ...) to the loggers after this hook; we exit
         # before, so push them now, else TensorBoard would miss the step.
@@ -225,17 +224,19 @@ def requeue_job(checkpoint: Path) -> None:
         print(f"requeued SLURM job {job}; it resumes from {checkpoint}", flush=True)
 
 
-def record_run(root: Path) -> None:
-    """Keep the sbatch script and the SLURM environment of this job in <root>/slurm/, per job id and restart."""
+def record_run(root: str | Path) -> None:
+    """Keep the sbatch script and the SLURM environment of this job in <root>/slurm/, per job id and restart
+    (root: a directory or an object store's URL)."""
     env = os.environ
     job = env.get("SLURM_JOB_ID")
     if job is None:
         return
-    folder = Path(root) / "slurm"
-    folder.mkdir(parents=True, exist_ok=True)
-    stem = f"job-{job}-restart{env.get('SLURM_RESTART_COUNT', '0')}"
+    folder = f"{str(root).rstrip('/')}/slurm"
+    if not storage.is_url(folder):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    stem = f"{folder}/job-{job}-restart{env.get('SLURM_RESTART_COUNT', '0')}"
     variables = "".join(f"{k}={v}\n" for k, v in sorted(env.items()) if k.startswith(RECORDED_PREFIXES))
-    write_atomically(folder / f"{stem}.env", variables.encode())
+    write_atomically(f"{stem}.env", variables.encode())
     scontrol = shutil.which("scontrol")
     if scontrol is None:
         log.error("scontrol is not on PATH: SLURM requeue cannot work here (on SIGUSR1 we save "
@@ -248,5 +249,5 @@ def record_run(root: Path) -> None:
     except (subprocess.SubprocessError, OSError) as error:
         log.warning("could not record the batch script of job %s with `scontrol write batch_script`: %s", job, error)
     else:
-        write_atomically(folder / f"{stem}.sh", script)
+        write_atomically(f"{stem}.sh", script)
     log.info("SLURM job %s: script and environment recorded in %s", job, folder)

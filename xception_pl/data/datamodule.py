@@ -44,8 +44,9 @@ class WebDatasetDataModule(L.LightningDataModule, DataFacts):
     sample exactly once, unpadded (a worker's last batch may be short); any shard count works.
 
     Args:
-        train: training shards: a directory holding manifest.json, a brace pattern of .tar files,
-            or a URL / `pipe:` command with braces (e.g. `pipe:aws s3 cp s3://b/train-{000000..000099}.tar -`).
+        train: training shards: a directory holding manifest.json or a brace pattern of .tar files, local or at
+            a URL of an object store (s3://bucket/train, s3://bucket/train-{000000..000099}.tar; gs://, https://:
+            any fsspec protocol, xception_pl.storage), or a `pipe:` command with braces.
         val: validation shards, as `train`.
         test: test shards, as `train`.
         predict: shards to predict (labels optional), as `train`; or plain images: a folder (searched
@@ -85,6 +86,8 @@ class WebDatasetDataModule(L.LightningDataModule, DataFacts):
         persistent_workers: keep workers alive between epochs (when num_workers > 0).
         prefetch_factor: batches each worker loads ahead (None: PyTorch's default, 2).
         multiprocessing_context: start method of the workers (None: PyTorch's default).
+        storage_options: fsspec options of the shards' object store (e.g. {"client_kwargs": {"endpoint_url":
+            ...}}); credentials default to the store's environment (AWS_ACCESS_KEY_ID, AWS_PROFILE, ...).
     """
 
     def __init__(
@@ -116,6 +119,7 @@ class WebDatasetDataModule(L.LightningDataModule, DataFacts):
         persistent_workers: bool = True,
         prefetch_factor: int | None = None,
         multiprocessing_context: Literal["fork", "spawn", "forkserver"] | None = None,
+        storage_options: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1 or num_workers < 0:
@@ -131,7 +135,7 @@ class WebDatasetDataModule(L.LightningDataModule, DataFacts):
         if self.images is not None:
             del splits["predict"]
         self.shards: dict[str, ShardSet] = {
-            name: resolve(spec, size, name) for name, (spec, size) in splits.items() if spec is not None}
+            name: resolve(spec, size, name, storage_options) for name, (spec, size) in splits.items() if spec is not None}
         if not self.shards and self.images is None:
             raise ValueError("no data given: pass train=... and/or val=..., test=..., predict=...")
         self.num_classes, self.multilabel, self.class_names = dataset_facts(self.shards, num_classes, multilabel)
@@ -149,6 +153,7 @@ class WebDatasetDataModule(L.LightningDataModule, DataFacts):
             False: PerImage(eval_transform) if eval_transform else ResizeCenterCrop(eval_image_size, eval_resize)}
         self.pin_memory, self.persistent_workers = pin_memory, persistent_workers
         self.prefetch_factor, self.multiprocessing_context = prefetch_factor, multiprocessing_context
+        self.storage_options = storage_options
         self.position = StreamPosition(seed)
         self.rank, self.world_size = 0, 1
 
@@ -199,7 +204,7 @@ class WebDatasetDataModule(L.LightningDataModule, DataFacts):
         shards = self.split("train")
         shuffle_buffer = min(self.shuffle_buffer, shards.size)  # no point holding more than the data set
         pipeline = train_pipeline(shards.urls, seeds, self.decoder("train"), self.batch_size, shuffle_buffer,
-                                  encoded=self.decode_device == "cuda")
+                                  encoded=self.decode_device == "cuda", storage_options=self.storage_options)
         loader = EpochLoader(pipeline, seeds, self.position, self.trainer, self.batches_per_rank(),
                              **self.loader_args())
         return loader.compose(*self.device_decode(training=True), carry_skips)
@@ -207,7 +212,8 @@ class WebDatasetDataModule(L.LightningDataModule, DataFacts):
     def eval_dataloader(self, name: str) -> wds.WebLoader:
         urls = self.split(name).urls
         pipeline = eval_pipeline(urls, self.rank, self.world_size, self.decoder(name),
-                                 self.batch_size, encoded=self.decode_device == "cuda")
+                                 self.batch_size, encoded=self.decode_device == "cuda",
+                                 storage_options=self.storage_options)
         # A worker reads whole shards, so more workers than this rank's shards would sit idle (ours).
         workers = min(self.num_workers, len(rank_shards(urls, self.rank, self.world_size)))
         loader = wds.WebLoader(pipeline, batch_size=None, **self.loader_args(workers))

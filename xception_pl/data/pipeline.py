@@ -9,14 +9,17 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
 import webdataset as wds
 from torch.utils.data import get_worker_info
-from webdataset.tariterators import group_by_keys, url_opener
+from webdataset.gopen import gopen
+from webdataset.tariterators import group_by_keys
+
+from xception_pl import storage
 
 from xception_pl.data.position import StreamPosition
 from xception_pl.data.samples import SKIP_REASONS, Collate, DecodeSamples, SkipCounter
@@ -123,6 +126,23 @@ class ShardSlot:
             yield {"url": url}
 
 
+def open_shards(urls: Iterator[dict[str, Any]], handler: Callable[[Exception], bool],
+                storage_options: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
+    """Each shard's byte stream: object store URLs through fsspec (xception_pl.storage, read ahead in the
+    background), local paths and `pipe:` commands through webdataset's gopen. An unreadable shard is the
+    handler's (counted, skipped)."""
+    for sample in urls:
+        url = sample["url"]
+        try:
+            stream = storage.open_shard(url, storage_options) if storage.is_url(url) else gopen(url)
+        except Exception as error:  # noqa: BLE001 - as webdataset's url_opener: the handler decides
+            error.args = (*error.args, url)
+            if handler(error):
+                continue
+            break
+        yield {**sample, "stream": stream}
+
+
 def shuffle_samples(samples: Iterator[dict[str, Any]], shuffle_buffer: int,
                     seeds: EpochSeed) -> Iterator[dict[str, Any]]:
     """wds.shuffle with its RNG drawn per worker and epoch (it would seed itself from pid and time);
@@ -155,11 +175,11 @@ def number_batches(batches: Iterator[dict[str, Any]], seeds: EpochSeed) -> Itera
 
 
 def train_pipeline(urls: list[str], seeds: EpochSeed, decoder: DecodeSamples, batch_size: int,
-                   shuffle_buffer: int, encoded: bool) -> wds.DataPipeline:
+                   shuffle_buffer: int, encoded: bool, storage_options: dict[str, Any] | None = None) -> wds.DataPipeline:
     counter = decoder.counter
     return wds.DataPipeline(
         ResampledShards(urls, seeds),  # endless shard URLs, per (seed, epoch, rank, worker)
-        partial(url_opener, handler=counter.handler),  # open local paths, pipe: commands, http(s) URLs
+        partial(open_shards, handler=counter.handler, storage_options=storage_options),  # local, store, pipe:
         partial(tar_samples, handler=counter.handler),  # the files in each tar (errors counted)
         partial(group_by_keys, handler=counter.handler),  # files with one key -> one raw sample
         partial(shuffle_samples, shuffle_buffer=shuffle_buffer, seeds=seeds),  # shuffle raw bytes, before decoding
@@ -171,11 +191,11 @@ def train_pipeline(urls: list[str], seeds: EpochSeed, decoder: DecodeSamples, ba
 
 
 def eval_pipeline(urls: list[str], rank: int, world_size: int, decoder: DecodeSamples, batch_size: int,
-                  encoded: bool) -> wds.DataPipeline:
+                  encoded: bool, storage_options: dict[str, Any] | None = None) -> wds.DataPipeline:
     counter = decoder.counter
     return wds.DataPipeline(
         ShardSlot(urls, rank, world_size),  # whole shards per (rank, worker): each sample exactly once
-        partial(url_opener, handler=counter.handler),  # open local paths, pipe: commands, http(s) URLs
+        partial(open_shards, handler=counter.handler, storage_options=storage_options),  # local, store, pipe:
         partial(tar_samples, handler=counter.handler),  # the files in each tar (errors counted)
         partial(group_by_keys, handler=counter.handler),  # files with one key -> one raw sample
         decoder,  # check header and label, decode, resize + centre crop; bad samples counted and dropped

@@ -1,4 +1,5 @@
-"""Shard lists and dataset facts from a shard directory (manifest.json), a brace pattern or a URL.
+"""Shard lists and dataset facts from a shard directory (manifest.json), a brace pattern, their URL on an object
+store (s3://bucket/train, s3://bucket/train-{000000..000099}.tar: xception_pl.storage) or a `pipe:` command.
 
 Everything here runs in the main process at construction time, so a wrong path fails before any
 worker or DDP process starts, with a message that names the fix.
@@ -13,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import braceexpand
+
+from xception_pl import storage
 
 MANIFEST = "manifest.json"
 SHARDS_COMMAND = "python -m xception_pl shards --source SRC --output DIR"
@@ -31,15 +34,18 @@ def read_manifest(path: Path) -> dict[str, Any]:
 
 
 def is_remote(spec: str) -> bool:
-    return spec.startswith("pipe:") or "://" in spec and not spec.startswith("file://")
+    return spec.startswith("pipe:") or storage.is_url(spec)
 
 
-def resolve(spec: str, size: int | None, name: str) -> ShardSet:
-    """`spec` (for the `name` split): a shard directory, a local brace pattern, or a remote URL/pipe."""
-    if is_remote(spec):
+def resolve(spec: str, size: int | None, name: str, storage_options: dict[str, Any] | None = None) -> ShardSet:
+    """`spec` (for the `name` split): a shard directory, a local brace pattern, either on an object store, or a
+    `pipe:` command."""
+    if spec.startswith("pipe:"):
         if size is None:
-            raise ValueError(f"{name}={spec!r} is remote, so its sample count is unknown: pass {name}_size=<samples>")
+            raise ValueError(f"{name}={spec!r} is a command, so its sample count is unknown: pass {name}_size=<samples>")
         return ShardSet(list(braceexpand.braceexpand(spec)), size, None)
+    if storage.is_url(spec):
+        return resolve_url(spec, size, name, storage_options)
     path = Path(spec.removeprefix("file://")).expanduser()
     if path.is_dir():
         if not (path / MANIFEST).is_file():
@@ -67,6 +73,35 @@ def resolve(spec: str, size: int | None, name: str) -> ShardSet:
         counts = {s["name"]: s["count"] for s in manifest["shards"]}
         if all(Path(u).name in counts for u in urls):
             size = sum(counts[Path(u).name] for u in urls)
+    if size is None:
+        raise ValueError(f"{name}={spec!r} has no {MANIFEST} beside it that lists these shards, so its sample "
+                         f"count is unknown: pass {name}_size=<samples>")
+    return ShardSet(urls, size, manifest)
+
+
+def resolve_url(spec: str, size: int | None, name: str, storage_options: dict[str, Any] | None) -> ShardSet:
+    """As a local directory or brace pattern, on an object store: one listing per directory checks that every
+    shard is there; the manifest is read from the directory (or beside the first shard)."""
+    urls = list(braceexpand.braceexpand(spec))
+    directory = len(urls) == 1 and not spec.endswith(".tar")
+    storage.reachable(urls[0] if not directory else f"{spec.rstrip('/')}/{MANIFEST}", storage_options,
+                      what=f"{name}={spec!r}:")
+    fs, _ = storage.filesystem(spec, storage_options)
+    folder = spec.rstrip("/") if directory else urls[0].rsplit("/", 1)[0]
+    manifest_url = f"{folder}/{MANIFEST}"
+    manifest = json.loads(storage.read_bytes(manifest_url, storage_options)) if fs.exists(manifest_url) else None
+    counts = {s["name"]: s["count"] for s in manifest["shards"]} if manifest else {}
+    if directory:
+        urls = [f"{folder}/{n}" for n in counts]
+    listed = {}
+    for parent in {u.rsplit("/", 1)[0] for u in urls}:
+        listed[parent] = {p.rsplit("/", 1)[-1] for p in fs.ls(parent, detail=False)}
+    missing = [u for u in urls if u.rsplit("/", 1)[-1] not in listed[u.rsplit("/", 1)[0]]]
+    if missing:
+        raise FileNotFoundError(f"{name}={spec!r}: {len(missing)} of {len(urls)} shards do not exist, e.g. "
+                                f"{missing[:3]}; fix the brace range, or upload the shards again")
+    if size is None and urls and all(u.rsplit("/", 1)[-1] in counts for u in urls):
+        size = sum(counts[u.rsplit("/", 1)[-1]] for u in urls)
     if size is None:
         raise ValueError(f"{name}={spec!r} has no {MANIFEST} beside it that lists these shards, so its sample "
                          f"count is unknown: pass {name}_size=<samples>")
