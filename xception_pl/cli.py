@@ -27,6 +27,7 @@ from xception_pl.console import quiet_lightning
 from xception_pl.facts import DATA_FACTS, data_fact
 from xception_pl.hyperparameters import UNDESCRIBED
 from xception_pl.module import XceptionModule
+from xception_pl.trackers import check_reachable, continue_runs, missing_extra
 from xception_pl.wiring import CONFIGURED, trainer_parts
 
 # Keys that moved out of the model (the recipe) into the groups of their callbacks; an old config stops with the
@@ -74,6 +75,8 @@ class XceptionCLI(LightningCLI):
         their one-line message, not a traceback (jsonargparse wraps the data module's in a Union report)."""
         try:
             super().instantiate_classes()
+        except ModuleNotFoundError as error:  # a tracker's or store's package: name the extra that installs it
+            raise SystemExit(f"error: {missing_extra(error)}") from None
         except (ValueError, OSError) as error:
             if error.__cause__ is not None and "jsonargparse" in last_frame(error).f_code.co_filename:
                 error = error.__cause__  # the constructor's own message, inside jsonargparse's report
@@ -84,8 +87,12 @@ class XceptionCLI(LightningCLI):
         job's hpc_ckpt included); refuse to start a fresh fit over an earlier run's checkpoints."""
         config = self.config_init[self.subcommand]
         root = self.trainer.default_root_dir  # a local directory, or an object store's URL (xception_pl.storage)
-        if storage.is_url(root):
-            storage.reachable(root, what="trainer.default_root_dir", must_exist=False)
+        try:  # before any process waits on another: the run directory's store and the trackers answer
+            if storage.is_url(root):
+                storage.reachable(root, what="trainer.default_root_dir", must_exist=False)
+            check_reachable(self.trainer.loggers)
+        except OSError as error:
+            raise SystemExit(f"error: {error}") from None
         newest = newest_checkpoint(root)
         if config.get("ckpt_path") == "last":
             config["ckpt_path"] = str(newest) if newest else None
@@ -100,6 +107,7 @@ class XceptionCLI(LightningCLI):
                              "file, or --ckpt_path last to resume the newest checkpoint of the run directory.")
         if self.trainer.is_global_zero:
             slurm.record_run(root)
+            continue_runs(self.trainer.loggers, config.get("ckpt_path"))  # the same MLflow / W&B run
 
     def _parse_ckpt_path(self) -> None:
         """The model arguments of --ckpt_path fill in what the config and command line leave at their defaults

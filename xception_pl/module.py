@@ -350,8 +350,8 @@ class XceptionModule(L.LightningModule):
     def on_train_start(self) -> None:
         self.batchnorm_state.save()
         self.apply_configured_optimizer()
-        if self.logger is not None:
-            self.logger.log_metrics({"train/global_batch_size": self.global_batch_size}, step=self.global_step)
+        for logger in self.loggers:
+            logger.log_metrics({"train/global_batch_size": self.global_batch_size}, step=self.global_step)
 
     def apply_configured_optimizer(self) -> None:
         """On resume the optimizer's hyperparameters come back from the checkpoint; the config's win (an edited

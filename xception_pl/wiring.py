@@ -14,6 +14,7 @@ for a Trainer built in Python alike.
     final validation             ValidateAtEnd (callbacks.py)            -                a ValidateAtEnd
     per-class results            PerClassMetrics (per_class.py)          -                a PerClassMetrics
     graceful stop and requeue    RequeueOnSignal (slurm.py)              -                a RequeueOnSignal
+    one MLflow / W&B run         TrackerRuns (trackers.py)               -                a TrackerRuns
     stuck, stalled or lost ranks FaultWatch (watchdog.py)                --faults.*       a FaultWatch
     start and end summary        RunSummary (console.py)                 -                a RunSummary
     progress bar                 ProgressBar (progress.py)               enable_progress_bar: false;  any ProgressBar
@@ -51,6 +52,7 @@ from xception_pl.pretrained import FreezeBackbone
 from xception_pl.progress import ProgressBar
 from xception_pl.resizing import ProgressiveResizing
 from xception_pl.slurm import RequeueOnSignal
+from xception_pl.trackers import TrackerRuns
 from xception_pl.watchdog import FaultWatch
 
 # The configurable parts: the CLI's argument group of each (as Lightning's callback groups), its class.
@@ -101,7 +103,7 @@ def trainer_parts(
                   "freeze_backbone": freeze_backbone, "progressive_resizing": progressive_resizing, "images": images,
                   "faults": faults}
     ours = [part if part is not None else CONFIGURED[group]() for group, part in configured.items()]
-    ours += [ImagesPerSecond(), ValidateAtEnd(), PerClassMetrics(), RequeueOnSignal(), RunSummary(list(config_files))]
+    ours += [ImagesPerSecond(), ValidateAtEnd(), PerClassMetrics(), RequeueOnSignal(), TrackerRuns(), RunSummary(list(config_files))]
     if progress_bar:  # ours: reads metrics only on logging steps
         ours.append(ProgressBar())
     every = given + [c for c in ours if getattr(c, "enabled", True) and not replaced(c, given)]
