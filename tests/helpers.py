@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -68,9 +69,11 @@ def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
-def run_module(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+def run_module(*args: str, cwd: Path = ROOT, env: dict[str, str | None] | None = None) -> subprocess.CompletedProcess:
+    """`python -m xception_pl <args>`; `env` sets (or, with None, removes) environment variables."""
+    environment = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "xception_pl", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, env={k: v for k, v in environment.items() if v is not None})
 
 
 

@@ -77,7 +77,8 @@ def fsync(path: Path) -> None:
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes a checkpoint to a temporary file beside its target, fsyncs it, then renames it; reads
-    checkpoints with `weights_only=True`.
+    checkpoints with `weights_only=True`. On an object store, a multipart upload of `part_size` bytes a part
+    (xception_pl.storage.write_object), completed only when the whole checkpoint is written.
 
     Lightning's own save goes through an fsspec transaction whose temporary file lives in
     the system temp dir, so the final move may be a copy that a kill leaves half-written;
@@ -87,9 +88,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     checkpoints could lose days of work at its next failure.
     """
 
+    def __init__(self, part_size: int = storage.PART) -> None:
+        self.part_size = part_size
+
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None) -> None:
         if storage.is_url(path):  # an object store: the upload completes only when the whole checkpoint is written
-            return storage.write_object(str(path), partial(torch.save, checkpoint), storage_options)
+            return storage.write_object(str(path), partial(torch.save, checkpoint), storage_options, self.part_size)
         path = Path(path)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)

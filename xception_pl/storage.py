@@ -90,18 +90,21 @@ def read_bytes(url: str, storage_options: dict[str, Any] | None = None) -> bytes
     return fs.cat_file(path)
 
 
-def write_object(url: str, write: Callable[[IO[bytes]], None], storage_options: dict[str, Any] | None = None) -> None:
+def write_object(url: str, write: Callable[[IO[bytes]], None], storage_options: dict[str, Any] | None = None,
+                 part_size: int = PART) -> None:
     """`write(f)` into the object at `url`, visible only once whole. On S3 the bytes go out as a multipart upload
     (parts of PART bytes, or one PUT below that) that is completed only after `write` returns: until then readers
     see the old object or none, and a kill leaves an incomplete upload that is never visible (a bucket lifecycle
-    rule, AbortIncompleteMultipartUpload, frees its parts). If `write` raises, the upload is aborted."""
+    rule, AbortIncompleteMultipartUpload, frees its parts). If `write` raises, the upload is aborted. (S3 parts
+    are 5 MiB to 5 GiB, at most 10,000 of them: 64 MiB parts hold checkpoints up to 625 GiB.)"""
     fs, path = filesystem(url, storage_options)
     fs.makedirs(fs._parent(path), exist_ok=True)
-    f = fs.open(path, "wb", block_size=PART)
+    f = fs.open(path, "wb", block_size=part_size)
     try:
         write(f)
     except BaseException:
-        f.discard()  # not close(): that would complete the upload with what was written so far
+        f.discard()  # S3: aborts the multipart upload
+        f.closed = True  # close(), also at garbage collection, would complete the upload with what was written
         raise
     f.close()
     fs.invalidate_cache(fs._parent(path))

@@ -42,7 +42,7 @@ def resolve(spec: str, size: int | None, name: str, storage_options: dict[str, A
     `pipe:` command."""
     if spec.startswith("pipe:"):
         if size is None:
-            raise ValueError(f"{name}={spec!r} is a command, so its sample count is unknown: pass {name}_size=<samples>")
+            raise ValueError(f"{name}={spec!r} is remote, so its sample count is unknown: pass {name}_size=<samples>")
         return ShardSet(list(braceexpand.braceexpand(spec)), size, None)
     if storage.is_url(spec):
         return resolve_url(spec, size, name, storage_options)
