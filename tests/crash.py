@@ -3,6 +3,7 @@ own process at a chosen moment, and a tiny network that keeps many such runs che
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import io
 import multiprocessing
@@ -111,8 +112,10 @@ def cli_process(argv: list[str], log: str, env: dict[str, str]) -> None:
     multiprocessing.set_start_method("fork", force=True)
     from xception_pl.__main__ import main
 
-    main(argv)
-
+    try:
+        main(argv)
+    finally:
+        atexit._run_exitfuncs()  # as the interpreter's exit does (a multiprocessing child skips it): W&B's finish
 
 FORKSERVER = multiprocessing.get_context("forkserver")
 FORKSERVER.set_forkserver_preload(["xception_pl.cli", "xception_pl.data", "tests.crash"])

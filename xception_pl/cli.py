@@ -75,9 +75,10 @@ class XceptionCLI(LightningCLI):
         their one-line message, not a traceback (jsonargparse wraps the data module's in a Union report)."""
         try:
             super().instantiate_classes()
-        except ModuleNotFoundError as error:  # a tracker's or store's package: name the extra that installs it
-            raise SystemExit(f"error: {missing_extra(error)}") from None
-        except (ValueError, OSError) as error:
+        except (ValueError, OSError, ModuleNotFoundError) as error:
+            missing = cause(error, ModuleNotFoundError)  # a tracker's or store's package: the extra that installs it
+            if missing is not None:
+                raise SystemExit(f"error: {missing_extra(missing)}") from None
             if error.__cause__ is not None and "jsonargparse" in last_frame(error).f_code.co_filename:
                 error = error.__cause__  # the constructor's own message, inside jsonargparse's report
             raise SystemExit(f"error: {error}") from None
@@ -181,6 +182,13 @@ def plain(value: Any) -> Any:
     if isinstance(value, type):
         return f"{value.__module__}.{value.__qualname__}"
     return value
+
+
+def cause(error: BaseException | None, kind: type[BaseException]) -> BaseException | None:
+    """The first exception of `kind` in the chain of `error` (jsonargparse wraps a constructor's errors)."""
+    while error is not None and not isinstance(error, kind):
+        error = error.__cause__ or error.__context__
+    return error
 
 
 def last_frame(error: BaseException) -> FrameType:

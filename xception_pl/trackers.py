@@ -17,6 +17,7 @@ training run however often it is stopped, requeued and resumed.
 
 from __future__ import annotations
 
+import importlib
 import io
 import socket
 import tempfile
@@ -38,9 +39,18 @@ EXTRAS = {"mlflow": "mlflow", "wandb": "wandb", "s3fs": "s3"}
 
 def missing_extra(error: ModuleNotFoundError) -> str:
     """The error's first line, and the extra that installs the missing module where it is one of ours."""
-    line = str(error).splitlines()[0]
+    line = str(error).splitlines()[0].split(" HINT:")[0].rstrip(".")  # not Lightning's pip hint too
     extra = next((extra for module, extra in EXTRAS.items() if module in f"{error.name} {line}"), None)
     return f"{line}: pip install 'xception_pl[{extra}]'" if extra and "xception_pl[" not in line else line
+
+
+def require(loggers: list[Logger]) -> None:
+    """A tracker's package, imported before anything starts: missing, the extra that installs it."""
+    for name in trackers(loggers):
+        try:
+            importlib.import_module(name)
+        except ImportError as error:
+            raise ModuleNotFoundError(f"{name} is not installed ({error})", name=name) from None
 
 
 def kind(logger: Logger) -> str | None:
@@ -161,7 +171,7 @@ class TrackerRuns(L.Callback):
             return
         for logger in self.trackers.values():
             floor = logged_steps(logger)
-            if floor is not None and floor > trainer.global_step:
+            if floor is not None and floor >= trainer.global_step:  # the first step this fit logs is global_step
                 logger.log_metrics = AfterStep(logger.log_metrics, floor)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

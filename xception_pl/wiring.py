@@ -42,6 +42,7 @@ from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
+from xception_pl import storage
 from xception_pl.callbacks import ImagesPerSecond, ValidateAtEnd
 from xception_pl.checkpointing import AtomicCheckpointIO, BestCheckpoints, LastCheckpoint
 from xception_pl.console import RunSummary
@@ -52,7 +53,7 @@ from xception_pl.pretrained import FreezeBackbone
 from xception_pl.progress import ProgressBar
 from xception_pl.resizing import ProgressiveResizing
 from xception_pl.slurm import RequeueOnSignal
-from xception_pl.trackers import TrackerRuns
+from xception_pl.trackers import TrackerRuns, require as require_trackers
 from xception_pl.watchdog import FaultWatch
 
 # The configurable parts: the CLI's argument group of each (as Lightning's callback groups), its class.
@@ -91,10 +92,13 @@ def trainer_parts(
     kind the user gave (theirs win; said once). A configurable part left at None is built with its defaults
     (those of the CLI's groups). `progress_bar` must match the Trainer's enable_progress_bar.
     """
+    if storage.is_url(default_root_dir):
+        storage.filesystem(str(default_root_dir))  # its package missing: the extra to install, before anything starts
     if logger in (None, True):
         # The run directory itself holds the event files (no version_N subfolders), so a resumed
         # run keeps logging into the same place and checkpoints land in <root>/checkpoints.
         logger = TensorBoardLogger(save_dir=default_root_dir, name="", version="", default_hp_metric=False)
+    require_trackers(as_list(logger))
     plugins = as_list(plugins)
     if not any(isinstance(p, CheckpointIO) for p in plugins):
         plugins.append(AtomicCheckpointIO())
