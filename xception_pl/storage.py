@@ -104,7 +104,8 @@ def write_object(url: str, write: Callable[[IO[bytes]], None], storage_options: 
         write(f)
     except BaseException:
         f.discard()  # S3: aborts the multipart upload
-        f.closed = True  # close(), also at garbage collection, would complete the upload with what was written
+        if isinstance(f, fsspec.spec.AbstractBufferedFile):
+            f.closed = True  # close(), also at garbage collection, would complete the upload with what was written
         raise
     f.close()
     fs.invalidate_cache(fs._parent(path))

@@ -130,6 +130,27 @@ def test_checkpointing_py_best_checkpoints_keeps_the_state_key_model_checkpoint_
     assert best.state_key == theirs.state_key  # a checkpoint of either restores the other's best-k bookkeeping
 
 
+def test_checkpointing_py_and_trackers_py_rely_on_model_checkpoints_removal_rule_and_the_loggers_run_ids(tmp_path):
+    from lightning.pytorch.loggers import MLFlowLogger, WandbLogger
+
+    assert parameters(ModelCheckpoint._should_remove_checkpoint) == ["self", "trainer", "previous", "current"]
+    assert "self._should_remove_checkpoint(trainer, " in source(ModelCheckpoint)  # where best-k removes a file
+    mlflow = MLFlowLogger(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", run_id="abc")
+    assert (mlflow._run_id, mlflow._experiment_id) == ("abc", None)
+    wandb = WandbLogger(offline=True, id="abc", save_dir=str(tmp_path))
+    assert (wandb._id, wandb._wandb_init["id"], wandb._experiment) == ("abc", "abc", None)
+    assert "wandb.init(**self._wandb_init)" in source(type(wandb).experiment.fget)
+
+
+def test_storage_py_discards_a_failed_upload_so_close_completes_nothing():
+    from fsspec.spec import AbstractBufferedFile
+    from s3fs.core import S3File
+
+    assert "self.closed = False" in source(AbstractBufferedFile.__init__)
+    assert "if self.closed:" in source(AbstractBufferedFile.close)  # a file marked closed completes nothing
+    assert "self._abort_mpu()" in source(S3File.discard)
+
+
 # ---------------------------------------------------------------------------------------------- webdataset
 def test_pipeline_py_sets_webdatasets_nsamples_which_each_pass_reads():
     import webdataset as wds
