@@ -49,12 +49,12 @@ def reachable(url: str, storage_options: dict[str, Any] | None = None, *, what: 
     """Raise one line naming the fix if the store of `url` cannot be reached, its bucket is missing or (with
     `must_exist`) nothing is at `url`. Called before training starts."""
     fs, path = filesystem(url, storage_options)
-    bucket = path.split("/", 1)[0]
+    bucket = path.split("/", 1)[0] if protocol(url) in BUCKETS else None
     try:
         fs.invalidate_cache()
-        if protocol(url) in BUCKETS:
-            fs.ls(bucket, detail=False)  # a missing bucket, credential or endpoint fails here
-        if must_exist and not fs.exists(path):
+        if not fs.exists(path if must_exist or bucket is None else bucket):
+            if bucket is not None:
+                fs.ls(bucket, detail=False)  # only to say why: a missing bucket, a credential, the endpoint
             raise FileNotFoundError(f"no object or prefix {path}")
     except Exception as error:  # noqa: BLE001 - every store error becomes one line with the fix
         raise store_error(error, url, what) from None
