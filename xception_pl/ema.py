@@ -9,6 +9,8 @@ import torch
 from lightning.pytorch.callbacks import WeightAveraging
 from torch import Tensor
 
+from xception_pl.optim import lerp_
+
 
 class PolyakAveraging(WeightAveraging):
     """EMA of the weights and BatchNorm statistics, used by validation, test, predict and the checkpoint's
@@ -25,7 +27,7 @@ class PolyakAveraging(WeightAveraging):
     Per update, with t = samples averaged so far / reference_batch, the decay is TensorFlow's warm-up
     min(decay, (1 + t) / (10 + t)) (so an early validation is not an average of the initial weights),
     raised to the power global batch / reference_batch. One multi-tensor lerp over all parameters and
-    buffers; no host read (Lightning's EMAWeightAveraging goes through AveragedModel, ~4 kernels per
+    buffers (three multi-tensor ops with the skip flag: optim.lerp_); no host read (Lightning's EMAWeightAveraging goes through AveragedModel, ~4 kernels per
     tensor plus a host read of its update count). A step the module skipped (non-finite loss) leaves the
     average untouched: the lerp weight is multiplied by the module's device flag `step_kept`.
     """
@@ -69,8 +71,7 @@ class PolyakAveraging(WeightAveraging):
         kept: Tensor | None = getattr(pl_module, "step_kept", None)
         floats = [i for i, t in enumerate(averaged) if t.is_floating_point()]
         others = [i for i, t in enumerate(averaged) if not t.is_floating_point()]  # BN's num_batches_tracked
-        weights = weight if kept is None else [kept * weight] * len(floats)
-        torch._foreach_lerp_([averaged[i] for i in floats], [current[i] for i in floats], weights)
+        lerp_([averaged[i] for i in floats], [current[i] for i in floats], weight if kept is None else kept * weight)
         if others:
             torch._foreach_copy_([averaged[i] for i in others], [current[i] for i in others])
 

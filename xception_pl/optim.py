@@ -60,16 +60,14 @@ class RMSpropTF(Optimizer):
         if found_inf is not None:
             # NaN gradients would poison every state they touch (NaN * 0 is NaN): zero them through one
             # flat copy, then scale every change by keep = 0 (skip) or 1.
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            flat = torch.where(found_inf.bool(), 0.0, flat)
-            grads = [part.view_as(g) for part, g in zip(flat.split([g.numel() for g in grads]), grads)]
+            grads = zeroed_if(found_inf, grads)
             keep = (1.0 - found_inf).reshape(())
         if group["weight_decay"]:
             grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
         square_avgs = [self.state[p]["square_avg"] for p in params]
         squares = torch._foreach_mul(grads, grads)
         rate = 1.0 - group["alpha"]
-        torch._foreach_lerp_(square_avgs, squares, rate if keep is None else [keep * rate] * len(params))
+        lerp_(square_avgs, squares, rate if keep is None else keep * rate)
         denominators = torch._foreach_add(square_avgs, group["eps"])
         torch._foreach_sqrt_(denominators)
         steps = torch._foreach_div(grads, denominators)
@@ -84,3 +82,33 @@ class RMSpropTF(Optimizer):
         elif keep is not None:
             torch._foreach_mul_(steps, keep)
         torch._foreach_sub_(params, steps)
+
+
+def zeroed_if(found_inf: Tensor, tensors: list[Tensor]) -> list[Tensor]:
+    """`tensors`, or zeros where `found_inf` is 1, through one flat copy in memory order viewed back with each
+    tensor's own strides: a channels_last gradient stays channels_last, as the multi-tensor kernels' fast path
+    needs it to match its parameter and states (ours)."""
+    flat = torch.cat([in_memory_order(t) for t in tensors])
+    flat = torch.where(found_inf.bool(), 0.0, flat)
+    parts = flat.split([t.numel() for t in tensors])
+    return [part.as_strided(t.size(), t.stride()) if dense(t) else part.view_as(t) for part, t in zip(parts, tensors)]
+
+
+def dense(t: Tensor) -> bool:
+    """Elements packed without gaps, in the layouts our networks use (contiguous or channels_last)."""
+    return t.is_contiguous() or t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def in_memory_order(t: Tensor) -> Tensor:
+    return t.as_strided((t.numel(),), (1,)) if dense(t) else t.reshape(-1)
+
+
+def lerp_(tensors: list[Tensor], ends: list[Tensor], weight: float | Tensor) -> None:
+    """tensors += weight * (ends - tensors), multi-tensor. A weight on the device (a 0-dim tensor: a skip flag
+    times a rate) takes three multi-tensor ops: torch's lerp has no overload for one tensor weight, and a list of
+    0-dim weights beside full tensors is off the CUDA fast path (one kernel per tensor)."""
+    if not isinstance(weight, Tensor):
+        return torch._foreach_lerp_(tensors, ends, weight)
+    changes = torch._foreach_sub(ends, tensors)
+    torch._foreach_mul_(changes, weight)
+    torch._foreach_add_(tensors, changes)
