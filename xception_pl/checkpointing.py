@@ -102,7 +102,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             with atomic_path(path) as tmp, open(tmp, "wb") as f:
                 torch.save(checkpoint, f)
         except (OSError, RuntimeError) as error:
-            cause = os_error_in(error)  # torch.save reports a failed write as a RuntimeError from its zip writer
+            cause = cause_in(error, OSError)  # torch.save reports a failed write as a RuntimeError from its zip writer
             if cause is None:
                 raise
             raise CheckpointWriteError(cause, path) from error
@@ -144,8 +144,9 @@ class CheckpointWriteError(OSError):
         return self.strerror  # the message, without OSError's "[Errno N]" prefix
 
 
-def os_error_in(error: BaseException | None) -> OSError | None:
-    while error is not None and not isinstance(error, OSError):
+def cause_in(error: BaseException | None, kind: type[BaseException]) -> BaseException | None:
+    """The first exception of `kind` in the chain of `error` (its causes and contexts)."""
+    while error is not None and not isinstance(error, kind):
         error = error.__cause__ or error.__context__
     return error
 

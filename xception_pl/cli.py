@@ -20,7 +20,7 @@ from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from xception_pl import slurm, storage
-from xception_pl.checkpointing import (UNREADABLE_CHECKPOINT, CheckpointLoadError,
+from xception_pl.checkpointing import (UNREADABLE_CHECKPOINT, CheckpointLoadError, cause_in,
                                        CheckpointWriteError, missing_checkpoint, newest_checkpoint,
                                        unreadable_checkpoint)
 from xception_pl.console import quiet_lightning
@@ -76,7 +76,7 @@ class XceptionCLI(LightningCLI):
         try:
             super().instantiate_classes()
         except (ValueError, OSError, ModuleNotFoundError) as error:
-            missing = cause(error, ModuleNotFoundError)  # a tracker's or store's package: the extra that installs it
+            missing = cause_in(error, ModuleNotFoundError)  # a tracker's or store's package (jsonargparse wraps it)
             if missing is not None:
                 raise SystemExit(f"error: {missing_extra(missing)}") from None
             if error.__cause__ is not None and "jsonargparse" in last_frame(error).f_code.co_filename:
@@ -101,7 +101,8 @@ class XceptionCLI(LightningCLI):
                   flush=True)
         elif config.get("ckpt_path") is None and newest is not None:
             raise SystemExit(
-                f"error: {root} already holds checkpoints of an earlier run ({str(newest).rsplit('/', 1)[-1]}). Resume it with "
+                f"error: {root} already holds checkpoints of an earlier run ({str(newest).rsplit('/', 1)[-1]}). "
+                "Resume it with "
                 "--ckpt_path last, or start a new run in another --trainer.default_root_dir.")
         elif missing_checkpoint(config.get("ckpt_path")):
             raise SystemExit(f"error: --ckpt_path {config['ckpt_path']} does not exist. Give the path of a .ckpt "
@@ -182,13 +183,6 @@ def plain(value: Any) -> Any:
     if isinstance(value, type):
         return f"{value.__module__}.{value.__qualname__}"
     return value
-
-
-def cause(error: BaseException | None, kind: type[BaseException]) -> BaseException | None:
-    """The first exception of `kind` in the chain of `error` (jsonargparse wraps a constructor's errors)."""
-    while error is not None and not isinstance(error, kind):
-        error = error.__cause__ or error.__context__
-    return error
 
 
 def last_frame(error: BaseException) -> FrameType:

@@ -27,8 +27,8 @@ class PolyakAveraging(WeightAveraging):
     Per update, with t = samples averaged so far / reference_batch, the decay is TensorFlow's warm-up
     min(decay, (1 + t) / (10 + t)) (so an early validation is not an average of the initial weights),
     raised to the power global batch / reference_batch. One multi-tensor lerp over all parameters and
-    buffers (three multi-tensor ops with the skip flag: optim.lerp_); no host read (Lightning's EMAWeightAveraging goes through AveragedModel, ~4 kernels per
-    tensor plus a host read of its update count). A step the module skipped (non-finite loss) leaves the
+    buffers (three multi-tensor ops with the skip flag: optim.lerp_); no host read (Lightning's
+    EMAWeightAveraging goes through AveragedModel, ~4 kernels per tensor plus a host read of its update count). A step the module skipped (non-finite loss) leaves the
     average untouched: the lerp weight is multiplied by the module's device flag `step_kept`.
     """
 

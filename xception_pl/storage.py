@@ -40,7 +40,8 @@ def filesystem(url: str, storage_options: dict[str, Any] | None = None) -> tuple
         return fsspec.core.url_to_fs(str(url), **(storage_options or {}))
     except ImportError as error:
         extra = EXTRAS.get(protocol(url))
-        fix = f"pip install 'xception_pl[{extra}]'" if extra else f"install the fsspec implementation of {protocol(url)}://"
+        fix = (f"pip install 'xception_pl[{extra}]'" if extra
+               else f"install the fsspec implementation of {protocol(url)}://")
         raise ModuleNotFoundError(f"{url}: reading {protocol(url)}:// needs a package that is not installed "
                                   f"({str(error).splitlines()[0]}): {fix}") from None
 
@@ -73,7 +74,8 @@ def store_error(error: BaseException, url: str, what: str) -> OSError:
     elif isinstance(error, FileNotFoundError):
         fix = f"nothing there ({text}): check the URL"
     elif "connect" in text.lower() or "Endpoint" in name:
-        fix = f"cannot reach the store ({text}): check AWS_ENDPOINT_URL or storage_options' endpoint_url, and the network"
+        fix = (f"cannot reach the store ({text}): check AWS_ENDPOINT_URL or storage_options' endpoint_url, and "
+               "the network")
     else:
         fix = text
     return OSError(f"{what} {url}: {fix}")

@@ -107,7 +107,8 @@ def trainer_parts(
                   "freeze_backbone": freeze_backbone, "progressive_resizing": progressive_resizing, "images": images,
                   "faults": faults}
     ours = [part if part is not None else CONFIGURED[group]() for group, part in configured.items()]
-    ours += [ImagesPerSecond(), ValidateAtEnd(), PerClassMetrics(), RequeueOnSignal(), TrackerRuns(), RunSummary(list(config_files))]
+    ours += [ImagesPerSecond(), ValidateAtEnd(), PerClassMetrics(), RequeueOnSignal(), TrackerRuns(),
+             RunSummary(list(config_files))]
     if progress_bar:  # ours: reads metrics only on logging steps
         ours.append(ProgressBar())
     every = given + [c for c in ours if getattr(c, "enabled", True) and not replaced(c, given)]

@@ -109,7 +109,8 @@ def test_a_killed_and_resumed_run_is_one_tracker_run_without_repeated_steps(trac
         assert steps == sorted(set(steps)), (key, steps)
     assert [m.step for m in client.get_metric_history(tracked.info.run_id, "train/loss")] == list(range(12))
     assert tracked.data.params["optimizer/init_args/lr"] == "0.01"
-    artifacts = {a.path for folder in ("config", "checkpoints") for a in client.list_artifacts(tracked.info.run_id, folder)}
+    artifacts = {a.path for folder in ("config", "checkpoints")
+                 for a in client.list_artifacts(tracked.info.run_id, folder)}
     best = client.get_run(tracked.info.run_id).data.tags["best_checkpoint"]
     assert artifacts == {"config/config.yaml", best} and (run / best).is_file(), (artifacts, best)
 

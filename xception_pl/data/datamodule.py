@@ -135,7 +135,8 @@ class WebDatasetDataModule(L.LightningDataModule, DataFacts):
         if self.images is not None:
             del splits["predict"]
         self.shards: dict[str, ShardSet] = {
-            name: resolve(spec, size, name, storage_options) for name, (spec, size) in splits.items() if spec is not None}
+            name: resolve(spec, size, name, storage_options)
+            for name, (spec, size) in splits.items() if spec is not None}
         if not self.shards and self.images is None:
             raise ValueError("no data given: pass train=... and/or val=..., test=..., predict=...")
         self.num_classes, self.multilabel, self.class_names = dataset_facts(self.shards, num_classes, multilabel)

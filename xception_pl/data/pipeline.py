@@ -175,7 +175,8 @@ def number_batches(batches: Iterator[dict[str, Any]], seeds: EpochSeed) -> Itera
 
 
 def train_pipeline(urls: list[str], seeds: EpochSeed, decoder: DecodeSamples, batch_size: int,
-                   shuffle_buffer: int, encoded: bool, storage_options: dict[str, Any] | None = None) -> wds.DataPipeline:
+                   shuffle_buffer: int, encoded: bool,
+                   storage_options: dict[str, Any] | None = None) -> wds.DataPipeline:
     counter = decoder.counter
     return wds.DataPipeline(
         ResampledShards(urls, seeds),  # endless shard URLs, per (seed, epoch, rank, worker)
