@@ -89,6 +89,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """
 
     def __init__(self, part_size: int = storage.PART) -> None:
+        super().__init__()
         self.part_size = part_size
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None) -> None:

@@ -92,8 +92,9 @@ def check_reachable(loggers: list[Logger], timeout: float = 10.0) -> None:
 
 def continue_runs(loggers: list[Logger], ckpt_path: str | Path | None) -> None:
     """Before a fit from `ckpt_path` starts its loggers: each tracker continues the run the checkpoint names."""
-    saved = saved_runs(ckpt_path) if ckpt_path else {}
-    for name, logger in trackers(loggers).items():
+    found = trackers(loggers)
+    saved = saved_runs(ckpt_path) if ckpt_path and found else {}  # from a store: a download, so only if needed
+    for name, logger in found.items():
         if saved.get(name):
             preset(logger, saved[name])
 
