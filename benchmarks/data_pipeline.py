@@ -11,7 +11,10 @@ with our writer, then measures, one torch thread per process:
   * "bare decode + augment + stack 32": the same, keeping 32 results and stacking them into a batch
     as any batching loader must: the cost the pipeline cannot avoid;
   * the WebDatasetDataModule training loader (tar reading, shuffle, checks, decode, augment,
-    batching, worker IPC) with 0, 1, 2 workers, batch 32, after two warm-up batches.
+    batching, worker IPC) with 0, 1, 2 workers, batch 32, after three warm-up batches; with workers
+    both as it is (batches stacked into shared-memory buffers each worker reuses, data/buffers.py) and
+    as it was before (a fresh shared-memory segment per batch, torch's default_collate).
+Every loop runs --runs times (default 3), interleaved; the table has the medians.
 CPU time (this process + its DataLoader workers, from /proc) is counted besides wall time: on a shared
 machine the wall clock also measures the neighbours. Overhead per core = 1 - (images per CPU second)
 / (bare + stack images per CPU second).
@@ -36,9 +39,11 @@ import argparse  # a benchmark script, not part of the CLI (STYLE 6 concerns the
 import multiprocessing
 import os
 import platform
+import statistics
 import subprocess
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -50,9 +55,13 @@ import webdataset as wds
 
 from xception_pl.data import WebDatasetDataModule, write_shards
 from xception_pl.data.batch_crop import PerImage, RandomResizedCropFlip
+from xception_pl.data.buffers import BatchBuffers
 from xception_pl.data.device_decode import DecodeOnDevice
 from xception_pl.data.samples import decode, pack
 from xception_pl.data.transforms import train_transform
+
+
+BARE = "bare decode + augment + stack 32 loop"
 
 
 def make_images(root: Path, count: int) -> list[Path]:
@@ -77,7 +86,7 @@ def worker_cpu_seconds(pids: list[int]) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-def rate(step, items: list, seconds: float = 8.0) -> tuple[float, float]:
+def rate(step, items: list, seconds: float = 5.0) -> tuple[float, float]:
     """(items/s, items per CPU second) of `step` over `items`, cycled for `seconds` (at least one pass)."""
     step(items[0])
     n, start, cpu = 0, time.perf_counter(), time.process_time()
@@ -108,10 +117,14 @@ def bare_batched_baseline(paths: list[Path]) -> float:
     return 32 * wall, 32 * cpu
 
 
-def pipeline(shards: Path, workers: int, batches: int) -> tuple[float, float]:
-    """(images/s, images per CPU second of the main process and its workers together)."""
+def pipeline(shards: Path, workers: int, batches: int, reuse: bool = True) -> tuple[float, float, float]:
+    """(images/s, images per CPU second of the main process and its workers together, the main process's share
+    of that CPU). reuse=False: the workers stack each batch into a fresh shared-memory segment (BatchBuffers
+    with no buffers), as before."""
     dm = WebDatasetDataModule(train=str(shards), train_size=10**7, batch_size=32, num_workers=workers,
                               image_size=299, shuffle_buffer=500)
+    if not reuse:
+        dm.batch_buffers = lambda workers: BatchBuffers(workers, 0)
     dm.setup("fit")
     loader = dm.train_dataloader()
     before = {p.pid for p in multiprocessing.active_children()}
@@ -119,9 +132,10 @@ def pipeline(shards: Path, workers: int, batches: int) -> tuple[float, float]:
     for _ in range(3):  # warm-up: worker start, shuffle buffer fill
         next(it)
     pids = [p.pid for p in multiprocessing.active_children() if p.pid not in before]  # this loader's workers
-    start, cpu = time.perf_counter(), time.process_time() + worker_cpu_seconds(pids)
+    start, main, workers = time.perf_counter(), time.process_time(), worker_cpu_seconds(pids)
     n = sum(len(next(it)["key"]) for _ in range(batches))
-    return n / (time.perf_counter() - start), n / (time.process_time() + worker_cpu_seconds(pids) - cpu)
+    wall, main, workers = time.perf_counter() - start, time.process_time() - main, worker_cpu_seconds(pids) - workers
+    return n / wall, n / (main + workers), main / (main + workers)
 
 
 def per_image_collate(samples: list[dict]) -> dict:
@@ -196,6 +210,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=500)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--batches", type=int, default=100)
+    parser.add_argument("--runs", type=int, default=3, help="each loop measured this many times, interleaved")
     parser.add_argument("--transfer", action="store_true", help="only the packed vs per-image transfer")
     parser.add_argument("--device", help="only decode + crop on this device (cuda)")
     parser.add_argument("--results", action="store_true", help="append the table to benchmarks/RESULTS.md")
@@ -215,16 +230,27 @@ def main() -> None:
                               "Packed JPEG batches (decode_device: cuda)",
                               f"`PYTHONPATH=. python benchmarks/data_pipeline.py {option} --results`")
             return
-        rows = [("PIL + torchvision loop", "-", pil_baseline(paths)),
-                ("bare decode + augment loop", "-", bare_baseline(paths)),
-                ("bare decode + augment + stack 32 loop", "-", bare := bare_batched_baseline(paths))]
-        rows += [("WebDatasetDataModule train loader", w, pipeline(Path(tmp) / "shards", w, args.batches))
-                 for w in args.workers]
-    lines = [f"{args.images} JPEGs, 500x375 px, {kb:.0f} KB mean; RandomResizedCrop(299) + flip; batch 32.", "",
-             "| loop | workers | images/s (wall) | images per CPU second | overhead per core vs bare + stack |",
-             "|---|---:|---:|---:|---:|"]
-    lines += [f"| {name} | {workers} | {wall:.0f} | {cpu:.0f} | {1 - cpu / bare[1]:+.1%} |"
-              for name, workers, (wall, cpu) in rows]
+        shards = Path(tmp) / "shards"
+        loops = {"PIL + torchvision loop": ("-", partial(pil_baseline, paths)),
+                 "bare decode + augment loop": ("-", partial(bare_baseline, paths)),
+                 BARE: ("-", partial(bare_batched_baseline, paths))}
+        for w in args.workers:
+            for reuse in (False, True) if w else (True,):
+                name = "train loader" + (", " + ("reused buffers" if reuse else "fresh segment per batch (before)")
+                                         if w else "")
+                loops[name] = (w, partial(pipeline, shards, w, args.batches, reuse))
+        runs = {name: [] for name in loops}
+        for _ in range(args.runs):  # interleaved: a neighbour's burst of load hits every loop alike
+            for name, (_, measure) in loops.items():
+                runs[name].append(measure())
+    medians = {name: [statistics.median(column) for column in zip(*results)] for name, results in runs.items()}
+    bare = medians[BARE][1]
+    lines = [f"{args.images} JPEGs, 500x375 px, {kb:.0f} KB mean; RandomResizedCrop(299) + flip; batch 32; "
+             f"medians of {args.runs} interleaved runs.", "",
+             "| loop | workers | images/s (wall) | images per CPU second | overhead per core vs bare + stack "
+             "| main process's share of the CPU |", "|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {name} | {loops[name][0]} | {m[0]:.0f} | {m[1]:.0f} | {1 - m[1] / bare:+.1%} | "
+              + (f"{m[2]:.0%} |" if len(m) > 2 else "- |") for name, m in medians.items()]
     print("\n".join(lines))
     if args.results:
         write_results(lines[0], lines[2:], "Data pipeline",

@@ -17,6 +17,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from xception_pl.data import transforms
 from xception_pl.data.augmentations import Augmentation, OnDevice
 from xception_pl.data.batch_crop import PerImage, RandomResizedCropFlip, ResizeCenterCrop
+from xception_pl.data.buffers import BatchBuffers
 from xception_pl.data.device_decode import BatchTransform, DecodeOnDevice
 from xception_pl.data.images import image_files, image_loader
 from xception_pl.data.mixing import BatchMix, target_vectors
@@ -204,22 +205,30 @@ class WebDatasetDataModule(L.LightningDataModule, DataFacts):
         seeds = EpochSeed(self.position.seed, self.rank, self.num_workers)
         shards = self.split("train")
         shuffle_buffer = min(self.shuffle_buffer, shards.size)  # no point holding more than the data set
+        buffers = self.batch_buffers(self.num_workers)
         pipeline = train_pipeline(shards.urls, seeds, self.decoder("train"), self.batch_size, shuffle_buffer,
-                                  encoded=self.decode_device == "cuda", storage_options=self.storage_options)
+                                  encoded=self.decode_device == "cuda", storage_options=self.storage_options,
+                                  buffers=buffers)
         loader = EpochLoader(pipeline, seeds, self.position, self.trainer, self.batches_per_rank(),
                              **self.loader_args())
-        return loader.compose(*self.device_decode(training=True), carry_skips)
+        return loader.compose(buffers.release, *self.device_decode(training=True), carry_skips)
 
     def eval_dataloader(self, name: str) -> wds.WebLoader:
         urls = self.split(name).urls
-        pipeline = eval_pipeline(urls, self.rank, self.world_size, self.decoder(name),
-                                 self.batch_size, encoded=self.decode_device == "cuda",
-                                 storage_options=self.storage_options)
         # A worker reads whole shards, so more workers than this rank's shards would sit idle (ours).
         workers = min(self.num_workers, len(rank_shards(urls, self.rank, self.world_size)))
+        buffers = self.batch_buffers(workers)
+        pipeline = eval_pipeline(urls, self.rank, self.world_size, self.decoder(name),
+                                 self.batch_size, encoded=self.decode_device == "cuda",
+                                 storage_options=self.storage_options, buffers=buffers)
         loader = wds.WebLoader(pipeline, batch_size=None, **self.loader_args(workers))
         # val and test count the skips after their last batch (an empty batch); predict has no count to log.
-        return loader.compose(*self.device_decode(training=False), partial(carry_skips, last=name != "predict"))
+        return loader.compose(buffers.release, *self.device_decode(training=False),
+                              partial(carry_skips, last=name != "predict"))
+
+    def batch_buffers(self, workers: int) -> BatchBuffers:
+        """Workers stack decoded images into shared-memory buffers they reuse (data/buffers.py)."""
+        return BatchBuffers(workers, (self.prefetch_factor or 2) + 1)  # 2: the DataLoader's default prefetch
 
     def device_decode(self, training: bool) -> list[DecodeOnDevice]:
         """decode_device="cuda": the main-process stage that decodes and crops on the device (a batch it

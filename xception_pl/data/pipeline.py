@@ -21,6 +21,7 @@ from webdataset.tariterators import group_by_keys
 
 from xception_pl import storage
 
+from xception_pl.data.buffers import BatchBuffers
 from xception_pl.data.position import StreamPosition
 from xception_pl.data.samples import SKIP_REASONS, Collate, DecodeSamples, SkipCounter
 from xception_pl.data.tar import tar_samples
@@ -175,32 +176,35 @@ def number_batches(batches: Iterator[dict[str, Any]], seeds: EpochSeed) -> Itera
 
 
 def train_pipeline(urls: list[str], seeds: EpochSeed, decoder: DecodeSamples, batch_size: int,
-                   shuffle_buffer: int, encoded: bool,
+                   shuffle_buffer: int, encoded: bool, buffers: BatchBuffers,
                    storage_options: dict[str, Any] | None = None) -> wds.DataPipeline:
     counter = decoder.counter
     return wds.DataPipeline(
         ResampledShards(urls, seeds),  # endless shard URLs, per (seed, epoch, rank, worker)
+        buffers.new_pass,  # a pass starts: this worker's batch buffers are free
         partial(open_shards, handler=counter.handler, storage_options=storage_options),  # local, store, pipe:
         partial(tar_samples, handler=counter.handler),  # the files in each tar (errors counted)
         partial(group_by_keys, handler=counter.handler),  # files with one key -> one raw sample
         partial(shuffle_samples, shuffle_buffer=shuffle_buffer, seeds=seeds),  # shuffle raw bytes, before decoding
         partial(number_samples, seeds=seeds),  # index and seed each sample; an exact resume skips what was trained
         decoder,  # check header and label, decode, augment; bad samples counted and dropped
-        wds.batched(batch_size, partial=False, collation_fn=Collate(counter, encoded)),  # full batches only
+        wds.batched(batch_size, partial=False, collation_fn=Collate(counter, encoded, buffers)),  # full batches only
         partial(number_batches, seeds=seeds),  # the batch's place in the stream and its seed
     )
 
 
 def eval_pipeline(urls: list[str], rank: int, world_size: int, decoder: DecodeSamples, batch_size: int,
-                  encoded: bool, storage_options: dict[str, Any] | None = None) -> wds.DataPipeline:
+                  encoded: bool, buffers: BatchBuffers,
+                  storage_options: dict[str, Any] | None = None) -> wds.DataPipeline:
     counter = decoder.counter
     return wds.DataPipeline(
         ShardSlot(urls, rank, world_size),  # whole shards per (rank, worker): each sample exactly once
+        buffers.new_pass,  # a pass starts: this worker's batch buffers are free
         partial(open_shards, handler=counter.handler, storage_options=storage_options),  # local, store, pipe:
         partial(tar_samples, handler=counter.handler),  # the files in each tar (errors counted)
         partial(group_by_keys, handler=counter.handler),  # files with one key -> one raw sample
         decoder,  # check header and label, decode, resize + centre crop; bad samples counted and dropped
-        wds.batched(batch_size, partial=True, collation_fn=Collate(counter, encoded)),  # last batch may be short
+        wds.batched(batch_size, partial=True, collation_fn=Collate(counter, encoded, buffers)),  # last may be short
         partial(flush_skips, counter=counter),  # drops after the last batch ride on an empty batch
     )
 

@@ -20,6 +20,8 @@ from PIL import Image
 from torch.utils.data import default_collate
 from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
 
+from xception_pl.data.buffers import BatchBuffers
+
 log = logging.getLogger(__name__)
 
 SKIP_REASONS = ("corrupt_image", "missing_field", "bad_label", "too_large", "read_error")
@@ -201,10 +203,12 @@ def unpack(data: torch.Tensor, offsets: torch.Tensor) -> list[torch.Tensor]:
 class Collate:
     """Samples -> the batch dict; "skipped" carries this worker's drops since its previous batch.
     encoded: the samples' JPEG bytes go packed into "jpeg" (uint8) + "jpeg_offsets" [B + 1], in place of
-    "image": one tensor to send to the main process, not one per image (device_decode unpacks them)."""
+    "image": one tensor to send to the main process, not one per image (device_decode unpacks them).
+    buffers: in a worker, images are stacked into a shared-memory buffer it reuses, named by "buffer"
+    (data/buffers.py); without, as torch's default_collate does (in a worker: a fresh shared segment)."""
 
-    def __init__(self, counter: SkipCounter, encoded: bool = False) -> None:
-        self.counter, self.encoded = counter, encoded
+    def __init__(self, counter: SkipCounter, encoded: bool = False, buffers: BatchBuffers | None = None) -> None:
+        self.counter, self.encoded, self.buffers = counter, encoded, buffers
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         images = [s["image"] for s in samples]
@@ -217,6 +221,10 @@ class Collate:
             batch["used"] = samples[-1]["index"] + 1
         if self.encoded:
             batch["jpeg"], batch["jpeg_offsets"] = pack(images)
+        elif self.buffers is not None:
+            batch["image"], buffer = self.buffers.stack(images)
+            if buffer is not None:
+                batch["buffer"] = buffer
         else:
-            batch["image"] = default_collate(images)  # stacked straight into shared memory in a worker
+            batch["image"] = default_collate(images)  # stacked straight into a fresh shared segment in a worker
         return batch
