@@ -6,8 +6,9 @@ Makes ~500 JPEGs of 500x375 px (~60 KB, smooth colour fields plus noise), writes
 with our writer, then measures, one torch thread per process:
   * "PIL + torchvision": PIL decode + v2 RandomResizedCrop(299) + flip + PILToTensor, a plain loop
     over the files;
-  * "bare decode + augment": our own decode (torchvision.io, libjpeg-turbo) + our default train
-    transform, a plain loop over the bytes in memory, results dropped at once;
+  * "bare decode + augment": our own header check, decode and default train transform as the loader runs
+    them (DecodeCrop.from_bytes: libjpeg-turbo, at the crop's scale), a plain loop over the bytes in memory,
+    results dropped at once;
   * "bare decode + augment + stack 32": the same, keeping 32 results and stacking them into a batch
     as any batching loader must: the cost the pipeline cannot avoid;
   * the WebDatasetDataModule training loader (tar reading, shuffle, checks, decode, augment,
@@ -57,19 +58,19 @@ from xception_pl.data import WebDatasetDataModule, write_shards
 from xception_pl.data.batch_crop import PerImage, RandomResizedCropFlip
 from xception_pl.data.buffers import BatchBuffers
 from xception_pl.data.device_decode import DecodeOnDevice
-from xception_pl.data.samples import decode, pack
+from xception_pl.data.samples import decode, image_dimensions, pack
 from xception_pl.data.transforms import train_transform
 
 
 BARE = "bare decode + augment + stack 32 loop"
 
 
-def make_images(root: Path, count: int) -> list[Path]:
+def make_images(root: Path, count: int, size: tuple[int, int] = (500, 375)) -> list[Path]:
     rng = np.random.default_rng(0)
     paths = []
     for i in range(count):
         low = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)
-        pixels = np.asarray(Image.fromarray(low).resize((500, 375), Image.BICUBIC), float)
+        pixels = np.asarray(Image.fromarray(low).resize(size, Image.BICUBIC), float)
         pixels += rng.normal(0, 8, pixels.shape)
         path = root / f"class{i % 10}" / f"{i:05d}.jpg"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -105,7 +106,7 @@ def pil_baseline(paths: list[Path]) -> float:
 
 def bare_baseline(paths: list[Path]) -> float:
     augment = train_transform(299)
-    return rate(lambda data: augment(decode(data, True)), [p.read_bytes() for p in paths])
+    return rate(lambda data: augment.from_bytes(data, *image_dimensions(data)[0], True), [p.read_bytes() for p in paths])
 
 
 def bare_batched_baseline(paths: list[Path]) -> float:
@@ -113,8 +114,76 @@ def bare_batched_baseline(paths: list[Path]) -> float:
     augment = train_transform(299)
     data = [p.read_bytes() for p in paths]
     batches = [data[i:i + 32] for i in range(0, len(data) - 31, 32)]
-    wall, cpu = rate(lambda batch: torch.stack([augment(decode(d, True)) for d in batch]), batches)
+    wall, cpu = rate(lambda batch: torch.stack([augment.from_bytes(d, *image_dimensions(d)[0], True) for d in batch]),
+                     batches)
     return 32 * wall, 32 * cpu
+
+
+def bare_in_parallel(paths: list[Path], processes: int) -> tuple[float, float]:
+    """bare_batched_baseline in `processes` processes at once, as many as the loader's workers: cores that run
+    side by side share caches and memory bandwidth (and may be hyperthreads of one physical core), which
+    costs CPU time per image whatever the loop."""
+    with multiprocessing.get_context("fork").Pool(processes) as pool:
+        rates = pool.map(bare_batched_baseline, [paths] * processes)
+    return sum(wall for wall, _ in rates), statistics.mean(cpu for _, cpu in rates)
+
+
+def crop_rate(blobs: list[bytes], size: int, scaled: bool) -> tuple[float, float]:
+    """(images/s, images per CPU second) of header + decode + RandomResizedCrop(size) + flip: decoding at the scale
+    the crop needs (DecodeCrop.from_bytes) or in full, then the same crop (DecodeCrop as a transform)."""
+    crop = train_transform(size)
+    if scaled:
+        return rate(lambda data: crop.from_bytes(data, *image_dimensions(data)[0], True), blobs)
+    return rate(lambda data: crop(decode(data, image_dimensions(data)[1])), blobs)
+
+
+def crop_difference(blobs: list[bytes], size: int) -> float:
+    """Mean |scaled - full| over the pixels of images whose box was decoded at a reduced scale (same draws)."""
+    crop, differences = train_transform(size), []
+    for i, data in enumerate(blobs):
+        (width, height), _ = image_dimensions(data)
+        torch.manual_seed(i)
+        box = crop.crop.make_params([torch.empty(3, height, width, device="meta")])
+        if min(box["height"], box["width"]) < 2 * size:
+            continue
+        torch.manual_seed(i)
+        scaled = crop.from_bytes(data, width, height, True)
+        torch.manual_seed(i)
+        full = crop(decode(data, True))
+        differences.append((scaled.float() - full.float()).abs().mean().item())
+    return statistics.mean(differences) if differences else float("nan")
+
+
+def decode_table(root: Path, count: int, runs: int) -> list[str]:
+    lines = ["| JPEGs | crop | decode | images/s | images per CPU second | vs full decode | crops decoded "
+             "reduced | mean abs. difference (0-255) |", "|---|---:|---|---:|---:|---:|---:|---:|"]
+    for width, height in ((500, 375), (1600, 1200)):
+        blobs = [p.read_bytes() for p in make_images(root / f"{width}x{height}", count, (width, height))]
+        kb = np.mean([len(b) for b in blobs]) / 1e3
+        for size in (299, 160):
+            rates = {False: [], True: []}
+            for _ in range(runs):  # interleaved
+                for scaled in rates:
+                    rates[scaled].append(crop_rate(blobs, size, scaled))
+            full = statistics.median(cpu for _, cpu in rates[False])
+            reduced = reduced_share(blobs, size)
+            for scaled, results in rates.items():
+                wall, cpu = (statistics.median(column) for column in zip(*results))
+                lines.append(f"| {width}x{height}, {kb:.0f} KB | {size} | "
+                             f"{'at the crop' + chr(39) + 's scale' if scaled else 'full (before)'} | {wall:.0f} | "
+                             f"{cpu:.0f} | {cpu / full:.2f}x | " + (f"{reduced:.0%} | {crop_difference(blobs, size):.2f} |"
+                                                                   if scaled else "- | - |"))
+    return lines
+
+
+def reduced_share(blobs: list[bytes], size: int, draws: int = 2000) -> float:
+    """The share of crops whose box is at least twice the output on both sides."""
+    crop, count = train_transform(size), 0
+    for i in range(draws):
+        (width, height), _ = image_dimensions(blobs[i % len(blobs)])
+        box = crop.crop.make_params([torch.empty(3, height, width, device="meta")])
+        count += min(box["height"], box["width"]) >= 2 * size
+    return count / draws
 
 
 def pipeline(shards: Path, workers: int, batches: int, reuse: bool = True) -> tuple[float, float, float]:
@@ -213,10 +282,19 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="each loop measured this many times, interleaved")
     parser.add_argument("--transfer", action="store_true", help="only the packed vs per-image transfer")
     parser.add_argument("--device", help="only decode + crop on this device (cuda)")
+    parser.add_argument("--decode", action="store_true", help="only decode + crop, at the crop's scale vs in full")
     parser.add_argument("--results", action="store_true", help="append the table to benchmarks/RESULTS.md")
     args = parser.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
+        if args.decode:
+            table = decode_table(Path(tmp), min(args.images, 200), args.runs)
+            print("\n".join(table))
+            if args.results:
+                write_results("Synthetic JPEGs (smooth colour fields + noise, quality 90), 200 of each size; one "
+                              f"process; medians of {args.runs} interleaved runs.", table, "Decode what the crop needs",
+                              "`PYTHONPATH=. python benchmarks/data_pipeline.py --decode --results`")
+            return
         paths = make_images(Path(tmp) / "images", args.images)
         kb = np.mean([p.stat().st_size for p in paths]) / 1e3
         write_shards(str(Path(tmp) / "images"), str(Path(tmp) / "shards"), shard_size=50, workers=1, progress=False)
@@ -231,26 +309,30 @@ def main() -> None:
                               f"`PYTHONPATH=. python benchmarks/data_pipeline.py {option} --results`")
             return
         shards = Path(tmp) / "shards"
-        loops = {"PIL + torchvision loop": ("-", partial(pil_baseline, paths)),
-                 "bare decode + augment loop": ("-", partial(bare_baseline, paths)),
-                 BARE: ("-", partial(bare_batched_baseline, paths))}
+        loops = {("PIL + torchvision loop", 1): partial(pil_baseline, paths),
+                 ("bare decode + augment loop", 1): partial(bare_baseline, paths),
+                 (BARE, 1): partial(bare_batched_baseline, paths)}
         for w in args.workers:
+            if w > 1:
+                loops[BARE, w] = partial(bare_in_parallel, paths, w)
             for reuse in (False, True) if w else (True,):
                 name = "train loader" + (", " + ("reused buffers" if reuse else "fresh segment per batch (before)")
                                          if w else "")
-                loops[name] = (w, partial(pipeline, shards, w, args.batches, reuse))
-        runs = {name: [] for name in loops}
+                loops[name, w] = partial(pipeline, shards, w, args.batches, reuse)
+        runs = {key: [] for key in loops}
         for _ in range(args.runs):  # interleaved: a neighbour's burst of load hits every loop alike
-            for name, (_, measure) in loops.items():
-                runs[name].append(measure())
-    medians = {name: [statistics.median(column) for column in zip(*results)] for name, results in runs.items()}
-    bare = medians[BARE][1]
+            for key, measure in loops.items():
+                runs[key].append(measure())
+    medians = {key: [statistics.median(column) for column in zip(*results)] for key, results in runs.items()}
     lines = [f"{args.images} JPEGs, 500x375 px, {kb:.0f} KB mean; RandomResizedCrop(299) + flip; batch 32; "
-             f"medians of {args.runs} interleaved runs.", "",
-             "| loop | workers | images/s (wall) | images per CPU second | overhead per core vs bare + stack "
-             "| main process's share of the CPU |", "|---|---:|---:|---:|---:|---:|"]
-    lines += [f"| {name} | {loops[name][0]} | {m[0]:.0f} | {m[1]:.0f} | {1 - m[1] / bare:+.1%} | "
-              + (f"{m[2]:.0%} |" if len(m) > 2 else "- |") for name, m in medians.items()]
+             f"medians of {args.runs} interleaved runs. The loader with w workers is compared with w bare loops "
+             "running side by side (w = 0 and 1: one).", "",
+             "| loop | processes (loader: workers) | images/s (wall) | images per CPU second | overhead per core "
+             "vs bare + stack | main process's share of the CPU |", "|---|---:|---:|---:|---:|---:|"]
+    for (name, w), m in medians.items():
+        bare = medians[BARE, max(1, w) if name.startswith("train loader") else w][1]
+        lines.append(f"| {name} | {w} | {m[0]:.0f} | {m[1]:.0f} | {1 - m[1] / bare:+.1%} | "
+                     + (f"{m[2]:.0%} |" if len(m) > 2 else "- |"))
     print("\n".join(lines))
     if args.results:
         write_results(lines[0], lines[2:], "Data pipeline",

@@ -34,6 +34,7 @@ class BatchBuffers:
         self.buffers = buffers
         self.busy = multiprocessing.RawArray("b", max(1, workers) * buffers)
         self.storages: list[torch.UntypedStorage | None] = [None] * buffers  # this worker's, made at first use
+        self.mapped: dict[int, torch.Tensor] = {}  # the main process's view of each buffer
 
     def new_pass(self, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         """Worker pipeline stage at the start of each pass: this worker's buffers are free again."""
@@ -64,11 +65,13 @@ class BatchBuffers:
         return batch, info.id * self.buffers + free
 
     def release(self, batches: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        """Main-process stage: each batch's buffer is freed, after its images are copied out unless pinned."""
+        """Main-process stage: each batch's buffer is freed, after its images are copied out unless pinned. The
+        buffer stays mapped here (`mapped`): torch's receiving end finds it in its cache next time, no new mapping."""
         for batch in batches:
             buffer = batch.pop("buffer", None)
             if buffer is not None:
                 if not batch["image"].is_pinned():
+                    self.mapped[buffer] = batch["image"]
                     batch["image"] = batch["image"].clone()
                 self.busy[buffer] = 0
             yield batch

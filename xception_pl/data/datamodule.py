@@ -145,8 +145,10 @@ class WebDatasetDataModule(L.LightningDataModule, DataFacts):
         self.batch_size, self.num_workers, self.shuffle_buffer = batch_size, num_workers, shuffle_buffer
         self.decode_device, self.max_image_pixels = decode_device, max_image_pixels
         augmentations = list(augmentations or [])
-        crop = train_transform or transforms.train_transform(image_size)
-        self.train_transform = v2.Compose([crop, *augmentations]) if augmentations else crop
+        if train_transform is None:
+            self.train_transform = transforms.train_transform(image_size, augmentations)
+        else:
+            self.train_transform = v2.Compose([train_transform, *augmentations]) if augmentations else train_transform
         self.eval_transform = eval_transform or transforms.eval_transform(eval_image_size, eval_resize)
         self.mixing = list(mixing or [])
         self.batch_transforms: dict[bool, BatchTransform] = {  # decode_device="cuda", by training or not

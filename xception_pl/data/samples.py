@@ -131,6 +131,7 @@ class DecodeSamples:
             otherwise `<key>.cls` (an integer) as a class id.
         transform: uint8 [3, H, W] -> [3, S, S] augmentation (None: keep the JPEG bytes; other formats
             are re-encoded as JPEG quality 95, as the shard writer does, for the device's JPEG decoder).
+            One with from_bytes(data, width, height, is_jpeg) decodes the image itself (data/scaled_decode.py).
         max_image_pixels: larger images are dropped as "too_large" from their header alone.
         labels_required: False for predict: a missing label gives target -1 (or all zeros).
     """
@@ -166,6 +167,8 @@ class DecodeSamples:
             raise Skip("too_large", f"{width}x{height} pixels > max_image_pixels={self.max_image_pixels}")
         if self.transform is None:  # decode_device="cuda": JPEG bytes travel, the GPU decodes
             image = data if is_jpeg else encode_jpeg(decode(data, False), quality=95).numpy().tobytes()
+        elif hasattr(self.transform, "from_bytes"):  # decodes at the scale its crop needs (data/scaled_decode.py)
+            image = self.transform.from_bytes(data, width, height, is_jpeg)
         else:
             image = self.transform(decode(data, is_jpeg))
         return {"image": image, "target": target, "key": sample["__key__"]}

@@ -13,12 +13,15 @@ from collections.abc import Callable
 import torch
 from torchvision.transforms import v2
 
+from xception_pl.data.scaled_decode import DecodeCrop
+
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
 
-def train_transform(image_size: int) -> Transform:
-    """Inception-style RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3) + horizontal flip."""
-    return v2.Compose([v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip()])
+def train_transform(image_size: int, augmentations: list[Transform] | None = None) -> DecodeCrop:
+    """Inception-style RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3) + horizontal flip, then the augmentations;
+    JPEGs are decoded at the scale the crop needs (data/scaled_decode.py)."""
+    return DecodeCrop(image_size, then=[v2.RandomHorizontalFlip(), *(augmentations or [])])
 
 
 def eval_transform(image_size: int, eval_resize: int) -> Transform:
