@@ -61,7 +61,7 @@ def draft_decode(data: bytes, width: int, height: int) -> torch.Tensor:
         with Image.open(io.BytesIO(data)) as image:
             image.draft("RGB", (width, height))
             rgb = image if image.mode == "RGB" else image.convert("RGB")
-            return torch.from_numpy(np.asarray(rgb)).permute(2, 0, 1)
+            return torch.from_numpy(np.array(rgb)).permute(2, 0, 1)
     except Exception as exn:
         raise Skip("corrupt_image", repr(exn)[:200]) from exn
 
