@@ -171,9 +171,14 @@ def decode_table(root: Path, count: int, runs: int) -> list[str]:
                 wall, cpu = (statistics.median(column) for column in zip(*results))
                 lines.append(f"| {width}x{height}, {kb:.0f} KB | {size} | "
                              f"{'at the crop' + chr(39) + 's scale' if scaled else 'full (before)'} | {wall:.0f} | "
-                             f"{cpu:.0f} | {cpu / full:.2f}x | " + (f"{reduced:.0%} | {crop_difference(blobs, size):.2f} |"
+                             f"{cpu:.0f} | {cpu / full:.2f}x | " + (f"{reduced:.0%} | {difference(blobs, size)} |"
                                                                    if scaled else "- | - |"))
     return lines
+
+
+def difference(blobs: list[bytes], size: int) -> str:
+    value = crop_difference(blobs, size)
+    return "-" if value != value else f"{value:.2f}"  # NaN: no box was decoded reduced
 
 
 def reduced_share(blobs: list[bytes], size: int, draws: int = 2000) -> float:

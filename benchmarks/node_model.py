@@ -1,7 +1,7 @@
 """Images per CPU core-second of the training loader, and the node they imply: how many images/s per GPU a node
 with C CPU cores per GPU can feed.
 
-    PYTHONPATH=. python benchmarks/node_model.py [--runs 3] [--results]
+    PYTHONPATH=. python benchmarks/node_model.py [--runs 3] [--images 160] [--batches 30] [--results]
 
 Measures the WebDatasetDataModule training loader with one worker (main process + worker CPU seconds, from
 /proc; after three warm-up batches), batch 32, on synthetic JPEGs of ImageNet's typical size (500x375) and large
@@ -60,6 +60,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--images", type=int, default=160)
+    parser.add_argument("--batches", type=int, default=30, help="measured batches of the CPU path (cuda path: 5x)")
     parser.add_argument("--results", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -76,7 +77,7 @@ def main() -> None:
                    if not (device == "cuda" and crop == 160)]  # the cuda path's workers do not crop
         for _ in range(args.runs):  # interleaved
             for size, crop, device in configs:
-                batches = 30 if device == "cpu" else 150
+                batches = args.batches if device == "cpu" else 5 * args.batches
                 rates.setdefault((size, crop, device), []).append(core_rate(shards[size][0], crop, device, batches))
     rate = {config: statistics.median(values) for config, values in rates.items()}
     measured = ["| JPEGs | crop | decode_device | images per core-second |", "|---|---:|---|---:|"]

@@ -1,4 +1,5 @@
-"""System tests of benchmarks/throughput.py, gpu_check.sh and max_pool.py: the whole scripts on CPU, tiny settings."""
+"""System tests of the benchmark scripts (throughput.py, gpu_check.sh, max_pool.py, update_kernels.py, node_model.py):
+the whole scripts on CPU, tiny settings."""
 
 import json
 import os
@@ -83,6 +84,34 @@ def test_max_pool_script_times_both_pools_at_the_four_xception_shapes() -> None:
     assert [row[0].strip() for row in rows] == ["128x147x147", "256x74x74", "728x37x37", "1024x19x19", "all four",
                                                "whole network, inference forward (median of 1)"]
     assert all(float(cell) > 0 for row in rows for cell in row[1:])
+
+
+def run_script(name: str, *args: str, timeout: int = 300) -> list[list[str]]:
+    """The cells of the table rows the script prints (header and separator lines left out)."""
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), *args], cwd=ROOT, capture_output=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    return [[cell.strip() for cell in line.split("|")[1:-1]] for line in lines if not line.startswith("| ---")]
+
+
+def test_update_kernels_script_counts_multi_tensor_calls_that_do_not_grow_with_the_tensors() -> None:
+    rows = {row[0]: row[1:] for row in run_script("update_kernels.py", "--device", "cpu")}
+    for update in ("RMSpropTF step (fp16: skip flag, loss scale)", "Polyak update (skip flag)"):
+        tensors, calls, kernels = rows[update]
+        assert int(tensors) > 150 and 0 < int(calls) <= 20 and kernels == "-"  # a few calls for all the tensors
+
+
+def test_node_model_script_measures_both_decode_paths_and_tabulates_the_node() -> None:
+    rows = run_script("node_model.py", "--images", "64", "--batches", "2", "--runs", "1")
+    rates = {(row[0].split(",")[0], row[1], row[2]): float(row[3]) for row in rows
+             if len(row) == 4 and row[0] != "JPEGs"}
+    assert sorted(rates) == sorted((size, crop, device) for size in ("500x375", "1600x1200")
+                                   for crop, device in (("299", "cpu"), ("160", "cpu"), ("on the GPU", "cuda")))
+    for size in ("500x375", "1600x1200"):
+        assert rates[size, "on the GPU", "cuda"] > rates[size, "299", "cpu"] > 0  # reading bytes < decoding them
+    model = [row for row in rows if len(row) == 9 and row[0] != "JPEGs"]
+    assert len(model) == 6 and all(float(cell.replace(",", "")) > 0 for row in model for cell in row[2:])
 
 
 @pytest.mark.slow  # the study behind a settled choice (configs/jft.yaml's eps); rerun it when that changes

@@ -36,6 +36,9 @@ class BatchBuffers:
         self.storages: list[torch.UntypedStorage | None] = [None] * buffers  # this worker's, made at first use
         self.mapped: dict[int, torch.Tensor] = {}  # the main process's view of each buffer
 
+    def __getstate__(self) -> dict[str, Any]:  # a worker starts with no buffer of its own and no main-process view
+        return {**self.__dict__, "storages": [None] * self.buffers, "mapped": {}}
+
     def new_pass(self, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         """Worker pipeline stage at the start of each pass: this worker's buffers are free again."""
         info = get_worker_info()
