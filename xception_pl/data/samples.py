@@ -207,10 +207,10 @@ class Collate:
     """Samples -> the batch dict; "skipped" carries this worker's drops since its previous batch.
     encoded: the samples' JPEG bytes go packed into "jpeg" (uint8) + "jpeg_offsets" [B + 1], in place of
     "image": one tensor to send to the main process, not one per image (device_decode unpacks them).
-    buffers: in a worker, images are stacked into a shared-memory buffer it reuses, named by "buffer"
-    (data/buffers.py); without, as torch's default_collate does (in a worker: a fresh shared segment)."""
+    buffers: where the images are stacked; in a worker, a shared-memory buffer it reuses, named by "buffer"
+    (data/buffers.py)."""
 
-    def __init__(self, counter: SkipCounter, encoded: bool = False, buffers: BatchBuffers | None = None) -> None:
+    def __init__(self, counter: SkipCounter, encoded: bool, buffers: BatchBuffers) -> None:
         self.counter, self.encoded, self.buffers = counter, encoded, buffers
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -224,10 +224,8 @@ class Collate:
             batch["used"] = samples[-1]["index"] + 1
         if self.encoded:
             batch["jpeg"], batch["jpeg_offsets"] = pack(images)
-        elif self.buffers is not None:
+        else:
             batch["image"], buffer = self.buffers.stack(images)
             if buffer is not None:
                 batch["buffer"] = buffer
-        else:
-            batch["image"] = default_collate(images)  # stacked straight into a fresh shared segment in a worker
         return batch

@@ -1,9 +1,10 @@
 """Decode only what the training crop needs (ours).
 
 The crop box is drawn from the JPEG header's size, before any pixel is decoded. A box at least twice the output
-size on both sides is decoded at 1/2, 1/4 or 1/8 scale by libjpeg's DCT scaling (Pillow's `draft`), which does a
-fraction of a full decode's work, and the box is then cropped from the smaller image and resized to the output:
-the work per image is bounded by the crop, not by the image, however large. The draws are torchvision's
+size on both sides is decoded at 1/2, 1/4 or 1/8 scale by libjpeg's DCT scaling (Pillow's `draft`), and the box
+is then cropped from the smaller image and resized to the output: the inverse DCT, colour conversion and resize
+shrink with the scale; the entropy decoding of the whole file does not, and it is most of a large JPEG's decode
+(1.15-1.18x on 1600x1200 JPEGs; the shard writer's --max_side bounds very large ones once). The draws are torchvision's
 RandomResizedCrop's own (its make_params on the header's size), in the same order: an image whose box is smaller
 than twice the output comes out bit for bit as from a full decode; the others differ from a full decode +
 antialiased resize by libjpeg's scaling filter (measured in benchmarks/RESULTS.md, "Decode what the crop needs").
