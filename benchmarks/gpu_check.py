@@ -14,9 +14,11 @@ real CLI, then the throughput table; in under 8 minutes on one GPU, compilation 
 3. throughput: benchmarks/throughput.py --config configs/imagenet.yaml, shortened (batch 128,
    bf16 channels_last, eager and compiled model steps vs timm, the Lightning loop, end to end from
    shards, inference);
-4. one table last; every number in --out (JSON). A failing or timed-out part is reported, the rest runs.
-Wall-time budget on the GPU (BUDGET_S): setup 40 s, paths 180 s (three at a time: they are counted, not
-timed), throughput 240 s (alone), 460 s in all; each subprocess gets the smaller of its own timeout
+4. kernels: benchmarks/update_kernels.py, the kernels one Polyak update and one RMSpropTF step launch
+   (the multi-tensor fast path: a few per chunk of tensors, not one per tensor);
+5. one table last; every number in --out (JSON). A failing or timed-out part is reported, the rest runs.
+Wall-time budget on the GPU (BUDGET_S): setup 40 s, paths 170 s (three at a time: they are counted, not
+timed), kernels 20 s, throughput 240 s (alone), 470 s in all; each subprocess gets the smaller of its own timeout
 and what is left of its section's budget, and is killed with its data workers when it runs out.
 `--device cpu` is the same at 71 px with 3 steps a path (CUDA-only paths reported as skipped): the test.
 If webdataset, omegaconf or jsonargparse cannot be imported, the wheels of --wheels are installed into
@@ -57,7 +59,7 @@ PATHS = [
 SIZES = {"cuda": dict(train=384, val=128, image=299, resize=333, batch=32, steps=12, log_every=4, workers=4, jobs=3),
          "cpu": dict(train=16, val=10, image=71, resize=80, batch=4, steps=4, log_every=2, workers=1, jobs=1)}
 CPU_OVERRIDES = ["--checkpoint.save_top_k", "0"]  # one checkpoint file (last.ckpt) instead of two: slow disks
-BUDGET_S = {"setup": 40, "paths": 180, "throughput": 240}  # wall seconds per section on the GPU: 460 of 480
+BUDGET_S = {"setup": 40, "paths": 170, "kernels": 20, "throughput": 240}  # wall s per section on the GPU: 470 of 480
 # Compilation (section a's "default") last: a time limit keeps the rest.
 THROUGHPUT = {"cuda": ["--sections", "b,c,d,a", "--batch-sizes", "128", "--layouts", "channels_last",
                        "--compile", "eager,default", "--inference-compile", "eager", "--steps", "8", "--warmup", "3",
@@ -202,6 +204,13 @@ def path_row(r: dict) -> list[str]:
     return [f"path {r['path']}", "ok", numbers, ""]
 
 
+def update_kernels(log: Path) -> list[dict]:
+    """update_kernels.py's table rows: update, tensors, multi-tensor calls, kernels ("-" on the CPU)."""
+    cells = [[c.strip() for c in line.split("|")[1:-1]] for line in log.read_text().splitlines() if line.startswith("| ")]
+    return [dict(zip(("update", "tensors", "calls", "kernels"), row)) for row in cells
+            if row[0] != "update" and not row[0].startswith("---")]
+
+
 def throughput_rows(report: dict) -> list[list[str]]:
     rows = []
     for r in report.get("rows", []):
@@ -240,6 +249,13 @@ def main() -> None:
     with ThreadPoolExecutor(SIZES[args.device]["jobs"]) as pool:  # counts, not timings: runs may overlap
         report["paths"] = list(pool.map(lambda row: check_path(row, shards, work, args, env, deadline), paths))
 
+    command = [sys.executable, "benchmarks/update_kernels.py", "--device", args.device]
+    code, seconds = run(command, work / "logs" / "kernels.log", budget["kernels"], env)
+    report["kernels"] = update_kernels(work / "logs" / "kernels.log") if code == 0 else []
+    report["kernels_status"] = {"exit": code, "seconds": round(seconds, 1),
+                                "note": "" if code == 0 else f"timed out after {budget['kernels']} s" if code is None
+                                else last_line(work / "logs" / "kernels.log")}
+
     out = work / "throughput.json"
     if args.no_throughput:
         budget["throughput"] = 0
@@ -255,6 +271,9 @@ def main() -> None:
 
     Path(args.out).write_text(json.dumps(report, indent=1, default=str))
     rows = [path_row(r) for r in report["paths"]]
+    rows += [[f"kernels: {k['update']}", "ok", f"{k['kernels']} kernels, {k['calls']} multi-tensor calls",
+              f"{k['tensors']} tensors"] for k in report["kernels"]] or [
+        ["kernels", "failed", "", report["kernels_status"]["note"] or "no table"]]
     if not args.no_throughput:
         rows += throughput_rows(report["throughput"] or {}) or [["throughput", "failed", "",
                                                                  report["throughput_status"]["note"]]]

@@ -69,8 +69,11 @@ def test_gpu_check_on_cpu_trains_every_path_through_the_cli_and_reports_syncs_th
         assert "--config configs/" in run["command"] and "HostSyncCounter" in run["command"]
     assert report["throughput_status"]["exit"] == 0
     assert [r["setting"] for r in report["throughput"]["rows"]] == ["train step fp32 channels_last eager"]
+    assert [k["update"] for k in report["kernels"]] == ["RMSpropTF step (fp16: skip flag, loss scale)",
+                                                         "Polyak update (skip flag)"]
+    assert all(0 < int(k["calls"]) <= 20 < int(k["tensors"]) and k["kernels"] == "-" for k in report["kernels"])
     lines = result.stdout.rstrip().splitlines()
-    assert lines[-11] == "| check | status | numbers | note |"  # the table last: 8 paths, 1 throughput row
+    assert lines[-13] == "| check | status | numbers | note |"  # the table last: 8 paths, 2 kernels, 1 throughput
     assert lines[-1].startswith("| a: train step fp32 channels_last eager, batch 2 | ok | ours ")
 
 
