@@ -213,9 +213,10 @@ def pipeline(shards: Path, workers: int, batches: int, reuse: bool = True) -> tu
 
 
 def per_image_collate(samples: list[dict]) -> dict:
-    """The pre-packing worker output: one tensor per JPEG."""
+    """The pre-packing worker output: one tensor per JPEG ("used": the raw samples taken, as Collate counts)."""
     return {"jpeg": [torch.frombuffer(bytearray(s["image"]), dtype=torch.uint8) for s in samples],
-            "target": torch.tensor([s["target"] for s in samples]), "key": [s["key"] for s in samples]}
+            "target": torch.tensor([s["target"] for s in samples]), "key": [s["key"] for s in samples],
+            "used": samples[-1]["index"] + 1}
 
 
 def transfer(shards: Path, packed: bool, batches: int) -> tuple[float, float]:
@@ -224,8 +225,8 @@ def transfer(shards: Path, packed: bool, batches: int) -> tuple[float, float]:
                               decode_device="cuda", shuffle_buffer=500)
     dm.setup("fit")
     loader = dm.train_dataloader().pipeline[0]  # the DataLoader: worker output, before the device decode
-    if not packed:
-        loader.dataset.pipeline[-1] = wds.batched(32, partial=False, collation_fn=per_image_collate)
+    if not packed:  # the batching stage, the one before number_batches
+        loader.dataset.pipeline[-2] = wds.batched(32, partial=False, collation_fn=per_image_collate)
     it = iter(loader)
     for _ in range(3):  # warm-up: worker start, shuffle buffer fill
         next(it)

@@ -4,8 +4,8 @@ The crop box is drawn from the JPEG header's size, before any pixel is decoded. 
 size on both sides is decoded at 1/2, 1/4 or 1/8 scale by libjpeg's DCT scaling (Pillow's `draft`), and the box
 is then cropped from the smaller image and resized to the output: the inverse DCT, colour conversion and resize
 shrink with the scale; the entropy decoding of the whole file does not, and it is most of a large JPEG's decode
-(1.15-1.18x on 1600x1200 JPEGs; the shard writer's --max_side bounds very large ones once). The draws are torchvision's
-RandomResizedCrop's own (its make_params on the header's size), in the same order: an image whose box is smaller
+(1.15-1.18x on 1600x1200 JPEGs; the shard writer's --max_side bounds very large ones once). The draws are
+torchvision's RandomResizedCrop's own (its make_params on the header's size), in the same order: an image whose box is smaller
 than twice the output comes out bit for bit as from a full decode; the others differ from a full decode +
 antialiased resize by libjpeg's scaling filter (measured in benchmarks/RESULTS.md, "Decode what the crop needs").
 """
@@ -26,23 +26,23 @@ REDUCTIONS = (8, 4, 2)  # the DCT scalings Pillow's draft offers
 
 
 class DecodeCrop:
-    """RandomResizedCrop(size) (Inception-style: area scale 0.08-1, aspect ratio 3/4-4/3), then `then`.
+    """RandomResizedCrop(size) (Inception-style: area scale 0.08-1, aspect ratio 3/4-4/3), then `then` (the flip
+    and the augmentations).
 
     As a transform, on an image already decoded (uint8 [3, H, W]); `from_bytes` decodes the encoded image
     itself, at the scale its box needs (DecodeSamples calls it)."""
 
-    def __init__(self, size: int, then: list[v2.Transform] | None = None) -> None:
+    def __init__(self, size: int, then: list[v2.Transform]) -> None:
         self.size = size
         self.crop = v2.RandomResizedCrop(size, antialias=True)
-        self.then = v2.Compose(then) if then else None
+        self.then = v2.Compose(then)
 
     @property
     def transforms(self) -> list[v2.Transform]:
-        return [self.crop, *(self.then.transforms if self.then else [])]
+        return [self.crop, *self.then.transforms]
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        image = self.crop(image)
-        return self.then(image) if self.then else image
+        return self.then(self.crop(image))
 
     def from_bytes(self, data: bytes, width: int, height: int, is_jpeg: bool) -> torch.Tensor:
         box = self.crop.make_params([torch.empty(3, height, width, device="meta")])  # no pixel decoded yet
@@ -52,8 +52,7 @@ class DecodeCrop:
             box = scale_box(box, width, height, image.shape[2], image.shape[1])
         else:
             image = decode(data, is_jpeg)
-        image = F.resized_crop(image, **box, size=[self.size, self.size], antialias=True)
-        return self.then(image) if self.then else image
+        return self.then(F.resized_crop(image, **box, size=[self.size, self.size], antialias=True))
 
 
 def draft_decode(data: bytes, width: int, height: int) -> torch.Tensor:
